@@ -1,0 +1,80 @@
+"""Settings of one nbreduce installation, read from the environment.
+
+Every command started with the same ``NBREDUCE_HOME`` finds the embedded broker and the
+archive without further configuration: all local state lives under that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SOURCE_NOTEBOOKS = PACKAGE_DIR.parent / "notebooks"
+BUNDLED_NOTEBOOKS = PACKAGE_DIR / "_bundled" / "notebooks"
+
+
+def _default_notebooks() -> Path:
+    """Templates of a source checkout win; an installed wheel carries its own copy."""
+    return SOURCE_NOTEBOOKS if SOURCE_NOTEBOOKS.is_dir() else BUNDLED_NOTEBOOKS
+
+
+class Settings(BaseModel):
+    """Resolved configuration; build it with :meth:`from_env`."""
+
+    home: Path
+    bootstrap_servers: str | None = None
+    archive: Path
+    data_roots: list[Path]
+    notebooks: Path
+    runner_group: str = "nbreduce-runners"
+    max_parallel: int = Field(2, ge=1)
+    file_wait_seconds: float = Field(120.0, ge=0)
+    default_timeout_seconds: float = Field(3600.0, gt=0)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("NBREDUCE_HOME", "~/.nbreduce")).expanduser().resolve()
+        roots = env.get("NBREDUCE_DATA_ROOTS")
+        return cls(
+            home=home,
+            bootstrap_servers=env.get("NBREDUCE_BOOTSTRAP_SERVERS") or None,
+            archive=Path(env.get("NBREDUCE_ARCHIVE", home / "archive")).expanduser().resolve(),
+            data_roots=[Path(p).expanduser().resolve() for p in roots.split(os.pathsep) if p]
+            if roots
+            else [home / "data"],
+            notebooks=Path(env.get("NBREDUCE_NOTEBOOKS", _default_notebooks())).expanduser().resolve(),
+            runner_group=env.get("NBREDUCE_RUNNER_GROUP", "nbreduce-runners"),
+            max_parallel=int(env.get("NBREDUCE_MAX_PARALLEL", "2")),
+            file_wait_seconds=float(env.get("NBREDUCE_FILE_WAIT_SECONDS", "120")),
+            default_timeout_seconds=float(env.get("NBREDUCE_DEFAULT_TIMEOUT", "3600")),
+        )
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def broker_state_file(self) -> Path:
+        return self.broker_dir / "broker.json"
+
+    def bootstrap(self) -> str:
+        """The broker to talk to: explicit setting first, else the embedded broker of this home."""
+        if self.bootstrap_servers:
+            return self.bootstrap_servers
+        try:
+            state = json.loads(self.broker_state_file.read_text())
+            return str(state["bootstrap"])
+        except (OSError, ValueError, KeyError):
+            raise BrokerNotConfigured(
+                f"no broker: set NBREDUCE_BOOTSTRAP_SERVERS or run `nbreduce broker start` "
+                f"(NBREDUCE_HOME={self.home})"
+            ) from None
+
+
+class BrokerNotConfigured(RuntimeError):
+    """Raised when neither an explicit nor an embedded broker is known."""

@@ -1,0 +1,124 @@
+"""confluent-kafka clients configured for nbreduce.
+
+Group timeouts are short on purpose: with librdkafka's default ``max.poll.interval.ms`` a JoinGroup
+hangs for minutes on the embedded broker, so long reductions run off the polling thread instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from runner.config import Settings
+from runner.models import WireModel
+
+log = logging.getLogger(__name__)
+#: librdkafka's own log lines (connection refused while a broker restarts, ...) go to Python logging.
+_librdkafka_log = logging.getLogger("nbreduce.librdkafka")
+
+GROUP_SETTINGS = {
+    "max.poll.interval.ms": 10000,
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 1000,
+}
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.bootstrap(), "logger": _librdkafka_log})
+
+
+def producer(settings: Settings, **extra: Any) -> Producer:
+    return Producer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "acks": "all",
+            "linger.ms": 2,
+            "message.timeout.ms": 30000,
+            "logger": _librdkafka_log,
+            **extra,
+        }
+    )
+
+
+def group_consumer(settings: Settings, group: str, **extra: Any) -> Consumer:
+    """A consumer-group member that commits offsets explicitly, only after the work is published."""
+    return Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            **GROUP_SETTINGS,
+            "logger": _librdkafka_log,
+            **extra,
+        }
+    )
+
+
+class Publisher:
+    """Synchronous publishing of wire models: returns only when the broker acknowledged the message."""
+
+    def __init__(self, settings: Settings):
+        self._producer = producer(settings)
+
+    def publish(self, topic: str, message: WireModel | bytes, key: str | bytes | None = None,
+                timeout: float = 30) -> None:
+        errors: list[KafkaError] = []
+        value = message if isinstance(message, bytes) else message.to_bytes()
+        self._producer.produce(topic, value=value, key=key,
+                               on_delivery=lambda err, _msg: errors.append(err) if err else None)
+        remaining = self._producer.flush(timeout)
+        if errors:
+            raise KafkaException(errors[0])
+        if remaining:
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{topic}: not acknowledged in {timeout}s"))
+
+    def close(self) -> None:
+        self._producer.flush(10)
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int = 10000) -> Iterator[Message]:
+    """Every message of ``topic`` from the beginning up to the end of each partition at read time.
+
+    Uses ``assign`` rather than a group (no rebalance wait, no committed offsets). The end of a
+    partition is taken from partition-EOF events, not ``get_watermark_offsets``: Tansu answers
+    ListOffsets with a wrong high watermark, while its Fetch responses carry the right one.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap(),
+            "group.id": "nbreduce-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 52428800,
+            "logger": _librdkafka_log,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return
+        pending = set(metadata.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
+        idle_deadline = time.monotonic() + timeout
+        while pending:
+            messages = consumer.consume(batch, timeout=0.5)
+            if not messages and time.monotonic() > idle_deadline:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: no end of partitions {sorted(pending)}"))
+            for msg in messages:
+                idle_deadline = time.monotonic() + timeout
+                err = msg.error()
+                if err is None:
+                    yield msg
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(msg.partition())
+                else:
+                    raise KafkaException(err)
+    finally:
+        consumer.close()
