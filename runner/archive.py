@@ -1,0 +1,140 @@
+"""The archive: one documented layout, versions never overwritten, files published read-only.
+
+Layout::
+
+    <archive>/<INSTRUMENT>/RB<rb>/<run>/v<k>/<INSTRUMENT>_<run>.ipynb   executed notebook
+                                            /job.json                  final status + provenance
+                                            /<output files>            written by the template
+
+A job reserves ``v<k>`` (``mkdir`` is the atomic lock) and runs in ``<archive>/.staging/<job_id>/``;
+publishing renames the staging folder over the empty reservation, so readers never see a half-written
+version. The reservation is recorded in the staging folder, so a job redelivered after a crash finds
+its version again instead of taking a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.models import StatusEvent
+
+STAGING = ".staging"
+RECORD = "job.json"
+_RESERVATION = ".reservation.json"
+
+
+def run_label(runs: list[int]) -> str:
+    """Folder name of a run, or of a multi-run job (``first-last``)."""
+    return str(runs[0]) if len(runs) == 1 else f"{min(runs)}-{max(runs)}"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    job_id: str
+    version: int
+    staging: Path
+    final: Path
+    notebook_name: str
+
+    @property
+    def staged_notebook(self) -> Path:
+        return self.staging / self.notebook_name
+
+
+class Archive:
+    """Reserve, stage and publish versions under one archive root."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def run_dir(self, instrument: str, rb_number: str, runs: list[int]) -> Path:
+        path = (self.root / instrument / f"RB{rb_number}" / run_label(runs)).resolve()
+        if not path.is_relative_to(self.root.resolve()):  # models validate names; this is the last guard
+            raise ValueError(f"refusing to write outside the archive: {path}")
+        return path
+
+    def versions(self, instrument: str, rb_number: str, runs: list[int]) -> list[int]:
+        run_dir = self.run_dir(instrument, rb_number, runs)
+        if not run_dir.is_dir():
+            return []
+        return sorted(int(p.name[1:]) for p in run_dir.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit())
+
+    def staging_dir(self, job_id: str) -> Path:
+        return self.root / STAGING / job_id
+
+    def published(self, job_id: str, instrument: str, rb_number: str, runs: list[int]) -> StatusEvent | None:
+        """The final record of ``job_id`` if it was already published (redelivery after a crash)."""
+        run_dir = self.run_dir(instrument, rb_number, runs)
+        for version in self.versions(instrument, rb_number, runs):
+            record = run_dir / f"v{version}" / RECORD
+            if record.is_file():
+                try:
+                    event = StatusEvent.model_validate_json(record.read_text())
+                except ValueError:
+                    continue
+                if event.job_id == job_id:
+                    return event
+        return None
+
+    def reserve(self, job_id: str, instrument: str, rb_number: str, runs: list[int]) -> Reservation:
+        """A version for ``job_id``: the one reserved before a crash, or the next free one."""
+        run_dir = self.run_dir(instrument, rb_number, runs)
+        staging = self.staging_dir(job_id)
+        marker = staging / _RESERVATION
+        name = f"{instrument}_{run_label(runs)}.ipynb"
+        if marker.is_file():
+            version = json.loads(marker.read_text())["version"]
+            final = run_dir / f"v{version}"
+            if final.is_dir() and not any(final.iterdir()):
+                _clear(staging, keep=marker)
+                return Reservation(job_id, version, staging, final, name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        version = max(self.versions(instrument, rb_number, runs), default=0) + 1
+        while True:
+            try:
+                (run_dir / f"v{version}").mkdir()
+                break
+            except FileExistsError:  # another runner took it
+                version += 1
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        marker.write_text(json.dumps({"version": version, "run_dir": str(run_dir)}))
+        return Reservation(job_id, version, staging, run_dir / f"v{version}", name)
+
+    def publish(self, reservation: Reservation, record: StatusEvent) -> Path:
+        """Write the record, make everything read-only and move the version into place atomically."""
+        (reservation.staging / _RESERVATION).unlink(missing_ok=True)
+        (reservation.staging / RECORD).write_text(record.model_dump_json(indent=2, exclude_none=True))
+        make_read_only(reservation.staging, top=False)
+        # rename needs the moved folder writable (its ".." entry changes), so its own mode comes last
+        os.rename(reservation.staging, reservation.final)  # replaces the empty reservation directory
+        make_read_only(reservation.final, children=False)
+        return reservation.final
+
+    def relative(self, path: Path) -> str:
+        return str(Path(path).resolve().relative_to(self.root.resolve()))
+
+
+def make_read_only(folder: Path, top: bool = True, children: bool = True) -> None:
+    """Files r--r--r--, folders r-xr-xr-x: published versions are never modified in place."""
+    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    if children:
+        for dirpath, dirnames, filenames in os.walk(folder, topdown=False):
+            for name in filenames + dirnames:
+                path = Path(dirpath) / name
+                if not path.is_symlink():
+                    path.chmod(path.stat().st_mode & ~write_bits)
+    if top:
+        folder.chmod(folder.stat().st_mode & ~write_bits)
+
+
+def _clear(folder: Path, keep: Path) -> None:
+    for child in folder.iterdir():
+        if child != keep:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

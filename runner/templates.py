@@ -1,0 +1,114 @@
+"""Instrument templates: ``notebooks/<INSTRUMENT>/reduce.ipynb`` plus ``instrument.toml``.
+
+The folder is the unit an instrument scientist owns: the notebook is the reduction, the TOML says
+whether it is enabled, which environment/kernel runs it, its time limit and default parameters.
+Parameters are read with papermill's own inspection, so what the runner injects, what the rerun
+form offers and what a scientist sees in the parameters cell are one and the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import papermill
+from pydantic import BaseModel, Field, ValidationError
+
+TEMPLATE_NAME = "reduce.ipynb"
+CONFIG_NAME = "instrument.toml"
+_INSTRUMENT_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+
+
+class TemplateError(LookupError):
+    """The instrument has no usable template; the message is the skip reason shown to users."""
+
+
+class InstrumentConfig(BaseModel):
+    """Contents of ``instrument.toml``."""
+
+    name: str
+    description: str = ""
+    technique: str = ""
+    enabled: bool = True
+    #: Processing environment (``environments/<name>``); its kernel is ``nbreduce-<name>``.
+    environment: str | None = None
+    #: Explicit kernel name; wins over ``environment``.
+    kernel: str | None = None
+    #: Whole-run time limit in seconds (the kernel is killed when it is exceeded).
+    timeout: float = Field(1800, gt=0)
+    #: ISIS file naming: ``<file_prefix><run zero-padded to run_digits>.nxs``.
+    file_prefix: str | None = None
+    run_digits: int = Field(8, ge=1, le=12)
+    #: Defaults injected on every run; they override the template's own defaults.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    def data_file_name(self, run: int) -> str:
+        return f"{self.file_prefix or self.name}{run:0{self.run_digits}d}.nxs"
+
+
+class Template(BaseModel):
+    """A resolved, enabled template ready to run."""
+
+    instrument: str
+    path: Path
+    config: InstrumentConfig
+    content_hash: str
+
+    def parameters(self) -> dict[str, dict[str, Any]]:
+        """Declared parameters as papermill inspects them: name -> {inferred_type_name, default, help}."""
+        return _inspect(str(self.path), self.content_hash)
+
+    @property
+    def kernel_name(self) -> str | None:
+        if self.config.kernel:
+            return self.config.kernel
+        return f"nbreduce-{self.config.environment}" if self.config.environment else None
+
+
+@lru_cache(maxsize=64)
+def _inspect(path: str, content_hash: str) -> dict[str, dict[str, Any]]:
+    # keyed by content hash so an edited template is re-inspected without restarting the runner
+    return {name: dict(info) for name, info in papermill.inspect_notebook(path).items()}
+
+
+def file_hash(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class TemplateRegistry:
+    """Finds instrument templates under one notebooks folder; re-reads files when they change."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def instruments(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_NAME).is_file() or (p / TEMPLATE_NAME).is_file())
+
+    def config(self, instrument: str) -> InstrumentConfig:
+        if not _INSTRUMENT_RE.match(instrument):
+            raise TemplateError(f"invalid instrument name {instrument!r}")
+        folder = self.root / instrument
+        config_path = folder / CONFIG_NAME
+        if not folder.is_dir():
+            raise TemplateError(f"no template for instrument {instrument} (expected {folder}/{TEMPLATE_NAME})")
+        try:
+            raw = tomllib.loads(config_path.read_text()) if config_path.is_file() else {}
+            return InstrumentConfig(**{"name": instrument, **raw})
+        except (tomllib.TOMLDecodeError, ValidationError, OSError) as exc:
+            raise TemplateError(f"{config_path} is invalid: {exc}") from exc
+
+    def resolve(self, instrument: str) -> Template:
+        """The enabled template of ``instrument``, or :class:`TemplateError` with the skip reason."""
+        config = self.config(instrument)
+        path = self.root / instrument / TEMPLATE_NAME
+        if not path.is_file():
+            raise TemplateError(f"no template for instrument {instrument} (expected {path})")
+        if not config.enabled:
+            raise TemplateError(f"instrument {instrument} is disabled in {CONFIG_NAME}")
+        return Template(instrument=instrument, path=path, config=config, content_hash=file_hash(path))
