@@ -59,6 +59,16 @@ class Settings(BaseModel):
         return self.home / "broker"
 
     @property
+    def jupyter_dir(self) -> Path:
+        """The project's own Jupyter data dir (kernelspecs of built environments live in ``kernels/``)."""
+        return self.home / "jupyter"
+
+    @property
+    def envs_dir(self) -> Path:
+        """Built processing environments, one folder per environment name and lock hash."""
+        return self.home / "envs"
+
+    @property
     def broker_state_file(self) -> Path:
         return self.broker_dir / "broker.json"
 

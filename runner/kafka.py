@@ -110,7 +110,8 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
         while pending:
             messages = consumer.consume(batch, timeout=0.5)
             if not messages and time.monotonic() > idle_deadline:
-                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"{topic}: no end of partitions {sorted(pending)}"))
+                reason = f"{topic}: partitions {sorted(pending)} did not reach their end in {timeout}s"
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, reason))
             for msg in messages:
                 idle_deadline = time.monotonic() + timeout
                 err = msg.error()

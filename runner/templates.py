@@ -88,7 +88,7 @@ class TemplateRegistry:
     def instruments(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_NAME).is_file() or (p / TEMPLATE_NAME).is_file())
+        return sorted(p.name for p in self.root.iterdir() if (p / TEMPLATE_NAME).is_file())
 
     def config(self, instrument: str) -> InstrumentConfig:
         if not _INSTRUMENT_RE.match(instrument):

@@ -58,11 +58,12 @@ def ensure_topics(admin: AdminClient, specs: tuple[TopicSpec, ...] = TOPICS, tim
     """Create the topics that are missing; returns the names created. Existing topics are left as they are."""
     existing = set(admin.list_topics(timeout=timeout).topics)
     missing = [s for s in specs if s.name not in existing]
+    replication = int(os.environ.get("NBREDUCE_REPLICATION_FACTOR", "1"))  # 3 on a production Redpanda
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=int(os.environ.get("NBREDUCE_REPLICATION_FACTOR", "1")),
-                  config=s.config()) for s in missing],
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config())
+         for s in missing],
         request_timeout=timeout,
     )
     created = []

@@ -1,0 +1,86 @@
+"""Job state without a database: fold the status topic, last event per job id wins.
+
+Correct without compaction (the embedded broker never compacts): every reader replays the topic and
+keeps the newest event per key. The same fold serves the CLI (``nbreduce runs``), the runner at
+start-up and the portal, which keeps following the topic for live updates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from runner.config import Settings
+from runner.kafka import _librdkafka_log, read_topic
+from runner.models import StatusEvent
+from runner.topics import REDUCTION_STATUS
+
+
+class StatusView:
+    """Latest :class:`StatusEvent` per job id, in memory."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, StatusEvent] = {}
+        self.invalid = 0
+        self._lock = threading.Lock()
+
+    def apply(self, event: StatusEvent) -> bool:
+        """Fold one event; returns True when it changed the view (events older than what we hold are ignored)."""
+        with self._lock:
+            current = self.jobs.get(event.job_id)
+            if current is not None and current.timestamp > event.timestamp:
+                return False
+            self.jobs[event.job_id] = event
+            return True
+
+    def apply_raw(self, raw: bytes | None) -> StatusEvent | None:
+        if raw is None:  # tombstone of a compacted topic: nothing to keep
+            return None
+        try:
+            event = StatusEvent.from_bytes(raw)
+        except ValueError:
+            self.invalid += 1
+            return None
+        return event if self.apply(event) else None
+
+    def extend(self, events: Iterable[StatusEvent]) -> None:
+        for event in events:
+            self.apply(event)
+
+    def snapshot(self) -> list[StatusEvent]:
+        with self._lock:
+            return list(self.jobs.values())
+
+    def get(self, job_id: str) -> StatusEvent | None:
+        return self.jobs.get(job_id)
+
+    @classmethod
+    def rebuild(cls, settings: Settings) -> StatusView:
+        """Replay the whole status topic (up to its current end)."""
+        view = cls()
+        for msg in read_topic(settings, REDUCTION_STATUS):
+            view.apply_raw(msg.value())
+        return view
+
+
+def follow(settings: Settings, view: StatusView, stop: threading.Event,
+           on_change: Callable[[StatusEvent], None] | None = None) -> None:
+    """Fold the status topic from the beginning and keep following it until ``stop`` is set."""
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "nbreduce-status-follower",
+                         "enable.auto.commit": False, "logger": _librdkafka_log})
+    try:
+        partitions = consumer.list_topics(REDUCTION_STATUS, timeout=30).topics[REDUCTION_STATUS].partitions
+        consumer.assign([TopicPartition(REDUCTION_STATUS, p, OFFSET_BEGINNING) for p in partitions])
+        while not stop.is_set():
+            for msg in consumer.consume(10000, timeout=0.5):
+                if msg.error() is not None:
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        _librdkafka_log.warning("status follower: %s", msg.error())
+                    continue
+                changed = view.apply_raw(msg.value())
+                if changed is not None and on_change is not None:
+                    on_change(changed)
+    finally:
+        consumer.close()
