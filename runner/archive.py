@@ -6,14 +6,16 @@ Layout::
                                             /job.json                  final status + provenance
                                             /<output files>            written by the template
 
-A job reserves ``v<k>`` (``mkdir`` is the atomic lock) and runs in ``<archive>/.staging/<job_id>/``;
-publishing renames the staging folder over the empty reservation, so readers never see a half-written
-version. The reservation is recorded in the staging folder, so a job redelivered after a crash finds
-its version again instead of taking a new one.
+A job reserves ``v<k>`` (``mkdir`` is the atomic lock) and its template writes output files there
+(so ``output_dir`` in the executed notebook is the real folder). The notebook itself is executed in
+``<archive>/.staging/<job_id>/`` and renamed into place at the end; ``job.json`` is written last,
+so a version is complete exactly when it has ``job.json``. The reservation is recorded in the
+staging folder: a job redelivered after a crash finds its version again instead of taking a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +46,10 @@ class Reservation:
     @property
     def staged_notebook(self) -> Path:
         return self.staging / self.notebook_name
+
+    @property
+    def notebook(self) -> Path:
+        return self.final / self.notebook_name
 
 
 class Archive:
@@ -90,8 +96,9 @@ class Archive:
         if marker.is_file():
             version = json.loads(marker.read_text())["version"]
             final = run_dir / f"v{version}"
-            if final.is_dir() and not any(final.iterdir()):
+            if final.is_dir() and not (final / RECORD).exists():  # interrupted before publication: start over
                 _clear(staging, keep=marker)
+                _clear(final)
                 return Reservation(job_id, version, staging, final, name)
         run_dir.mkdir(parents=True, exist_ok=True)
         version = max(self.versions(instrument, rb_number, runs), default=0) + 1
@@ -108,14 +115,21 @@ class Archive:
         return Reservation(job_id, version, staging, run_dir / f"v{version}", name)
 
     def publish(self, reservation: Reservation, record: StatusEvent) -> Path:
-        """Write the record, make everything read-only and move the version into place atomically."""
-        (reservation.staging / _RESERVATION).unlink(missing_ok=True)
-        (reservation.staging / RECORD).write_text(record.model_dump_json(indent=2, exclude_none=True))
-        make_read_only(reservation.staging, top=False)
-        # rename needs the moved folder writable (its ".." entry changes), so its own mode comes last
-        os.rename(reservation.staging, reservation.final)  # replaces the empty reservation directory
-        make_read_only(reservation.final, children=False)
+        """Move the notebook in, write the record last (atomically), make the version read-only."""
+        if reservation.staged_notebook.exists():
+            os.replace(reservation.staged_notebook, reservation.notebook)
+        tmp = reservation.final / f".{RECORD}.tmp"
+        tmp.write_text(record.model_dump_json(indent=2, exclude_none=True))
+        os.replace(tmp, reservation.final / RECORD)
+        make_read_only(reservation.final)
+        shutil.rmtree(reservation.staging, ignore_errors=True)
         return reservation.final
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation that will not be used (the job was rejected before it ran)."""
+        shutil.rmtree(reservation.staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            reservation.final.rmdir()
 
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root.resolve()))
@@ -134,7 +148,7 @@ def make_read_only(folder: Path, top: bool = True, children: bool = True) -> Non
         folder.chmod(folder.stat().st_mode & ~write_bits)
 
 
-def _clear(folder: Path, keep: Path) -> None:
+def _clear(folder: Path, keep: Path | None = None) -> None:
     for child in folder.iterdir():
         if child != keep:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

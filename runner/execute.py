@@ -1,0 +1,139 @@
+"""Execute one template with papermill on a provided kernel, with a whole-run time limit.
+
+papermill has per-cell timeouts only; a whole-run limit is enforced here by a watchdog that kills the
+kernel, which nbclient then reports as a dead kernel. A kernel that dies for any other reason (OOM,
+kill) ends the run the same way, with a clear reason instead of a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from papermill.exceptions import PapermillExecutionError
+
+from runner.engines import ENGINE_NAME, KernelProvider, kernel_pid
+from runner.inspection import error_from_notebook
+from runner.models import ErrorInfo, JobState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Execution:
+    """What happened to one notebook run."""
+
+    state: JobState
+    started_at: datetime
+    finished_at: datetime
+    kernel: str
+    kernel_display_name: str | None = None
+    error: ErrorInfo | None = None
+    reason: str | None = None
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def execute(
+    template_path: Path,
+    output_path: Path,
+    parameters: dict[str, Any],
+    kernel_name: str,
+    kernels: KernelProvider,
+    timeout: float,
+    metadata: dict[str, Any] | None = None,
+) -> Execution:
+    """Run ``template_path`` into ``output_path`` (kept whatever the outcome) and report the outcome."""
+    started = utcnow()
+    km = kernels.acquire(kernel_name, cwd=output_path.parent)
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        pid = kernel_pid(km)
+        log.warning("run exceeded %.0fs: killing kernel %s (pid %s)", timeout, kernel_name, pid)
+        with contextlib.suppress(Exception):  # already gone
+            km.kill_kernel()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.daemon = True
+    watchdog.start()
+    state, error, reason = JobState.SUCCEEDED, None, None
+    display_name = getattr(getattr(km, "kernel_spec", None), "display_name", None)
+    try:
+        papermill.execute_notebook(
+            str(template_path),
+            str(output_path),
+            parameters=parameters,
+            engine_name=ENGINE_NAME,
+            kernel_name=kernel_name,
+            km=km,
+            progress_bar=False,
+            request_save_on_cell_execute=True,
+            autosave_cell_every=10,
+        )
+    except PapermillExecutionError as exc:
+        state = JobState.FAILED
+        error = ErrorInfo(ename=exc.ename, evalue=exc.evalue, cell_index=exc.cell_index,
+                          cell_source=exc.source, traceback=_plain("\n".join(exc.traceback)))
+        reason = f"{exc.ename}: {exc.evalue}"
+    except (DeadKernelError, CellTimeoutError, RuntimeError) as exc:
+        if timed_out.is_set():
+            state, reason = JobState.TIMED_OUT, f"run exceeded its time limit of {timeout:.0f} s; kernel killed"
+        else:
+            state, reason = JobState.FAILED, f"kernel {kernel_name} died during the run ({type(exc).__name__}: {exc})"
+        error = ErrorInfo(ename=type(exc).__name__, evalue=reason)
+    except Exception as exc:  # kernel failed to start, notebook unreadable, ...
+        state, reason = JobState.FAILED, f"execution failed: {type(exc).__name__}: {exc}"
+        error = ErrorInfo(ename=type(exc).__name__, evalue=str(exc))
+    finally:
+        watchdog.cancel()
+        kernels.release(km)
+    finished = utcnow()
+    _finalise_notebook(output_path, kernel_name, display_name, state, reason, metadata or {})
+    if state is JobState.FAILED and error is not None and error.cell_index is None and output_path.exists():
+        error = error_from_notebook(nbformat.read(output_path, as_version=4)) or error
+    return Execution(state, started, finished, kernel_name, display_name, error, reason)
+
+
+def _finalise_notebook(path: Path, kernel_name: str, display_name: str | None, state: JobState,
+                       reason: str | None, metadata: dict[str, Any]) -> None:
+    """Stamp the kernel that really ran (papermill keeps the template's) and nbreduce's run metadata."""
+    if not path.exists():
+        return
+    for attempt in range(3):
+        try:
+            nb = nbformat.read(path, as_version=4)
+            break
+        except Exception:  # papermill may still be flushing an autosave
+            if attempt == 2:
+                return
+            time.sleep(0.1)
+    spec = nb.metadata.setdefault("kernelspec", {})
+    spec["name"] = kernel_name
+    if display_name:
+        spec["display_name"] = display_name
+    nb.metadata["nbreduce"] = {**metadata, "state": state.value, **({"reason": reason} if reason else {})}
+    if state in (JobState.TIMED_OUT,) or (state is JobState.FAILED and reason and "kernel" in reason):
+        banner = nbformat.v4.new_markdown_cell(
+            f'<span style="color:red; font-size:1.4em">**nbreduce: {state.value}** — {reason}</span>'
+        )
+        banner.metadata["tags"] = ["nbreduce-error"]
+        nb.cells.insert(0, banner)
+    tmp = path.with_suffix(".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(path)
+
+
+def _plain(text: str) -> str:
+    from nbconvert.filters import strip_ansi  # imported on failure only: nbconvert is heavy
+
+    return strip_ansi(text)
