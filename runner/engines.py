@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from jupyter_client import KernelManager
+import psutil
+from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_core.utils import run_sync
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, papermill_engines
 from papermill.utils import merge_kwargs, remove_args
@@ -28,9 +31,9 @@ ENGINE_NAME = "nbreduce"
 class KernelProvider(Protocol):
     """Hands out one started kernel per run and takes it back afterwards (never reused)."""
 
-    def acquire(self, kernel_name: str, cwd: Path, timeout: float = 60) -> KernelManager: ...
+    def acquire(self, kernel_name: str, cwd: Path, timeout: float = 60) -> AsyncKernelManager: ...
 
-    def release(self, km: KernelManager) -> None: ...
+    def release(self, km: AsyncKernelManager) -> None: ...
 
 
 def kernel_env(settings: Settings) -> dict[str, str]:
@@ -58,35 +61,53 @@ def kernel_exists(settings: Settings, name: str) -> bool:
 
 
 class ColdKernels:
-    """Starts a fresh kernel for every run: the fallback when no warm kernel is available."""
+    """Starts a fresh kernel for every run: the fallback when no warm kernel is available.
+
+    Kernels are :class:`AsyncKernelManager`: nbclient awaits the client's channels, and a blocking
+    client would stall its event loop so that a dead kernel is never noticed.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.started = 0
 
-    def acquire(self, kernel_name: str, cwd: Path, timeout: float = 60) -> KernelManager:
-        km = KernelManager(kernel_name=kernel_name, kernel_spec_manager=kernel_spec_manager(self.settings))
-        km.start_kernel(cwd=str(cwd), env=kernel_env(self.settings))
+    def acquire(self, kernel_name: str, cwd: Path, timeout: float = 60) -> AsyncKernelManager:
+        # IPC sockets: no TCP port races between parallel runs, and no unencrypted-TCP warning
+        km = AsyncKernelManager(kernel_name=kernel_name, kernel_spec_manager=kernel_spec_manager(self.settings),
+                           transport="ipc", ip=str(self.settings.home / "run" / f"kernel-{uuid.uuid4().hex[:12]}"))
+        (self.settings.home / "run").mkdir(parents=True, exist_ok=True)
+        run_sync(km.start_kernel)(cwd=str(cwd), env=kernel_env(self.settings))
         self.started += 1
         return km
 
-    def release(self, km: KernelManager) -> None:
+    def release(self, km: AsyncKernelManager) -> None:
         shutdown(km)
 
 
-def shutdown(km: KernelManager) -> None:
+def shutdown(km: AsyncKernelManager) -> None:
     """Stop a kernel whatever state it is in (finished, dead or hung)."""
     try:
         if km.has_kernel:
-            km.shutdown_kernel(now=True)
+            run_sync(km.shutdown_kernel)(now=True)
     except Exception:
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            km.cleanup_resources()
+        pid = kernel_pid(km)
+        if pid is not None:
+            kill_process_tree(pid)
 
 
-def kernel_pid(km: KernelManager) -> int | None:
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a kernel and whatever it started (subprocesses of a reduction must not outlive it)."""
+    try:
+        parent = psutil.Process(pid)
+        processes = [*parent.children(recursive=True), parent]
+    except psutil.Error:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+def kernel_pid(km: AsyncKernelManager) -> int | None:
     provisioner = getattr(km, "provisioner", None)
     process = getattr(provisioner, "process", None)
     return getattr(process, "pid", None)

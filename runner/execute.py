@@ -7,7 +7,6 @@ kill) ends the run the same way, with a clear reason instead of a hang.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -21,7 +20,7 @@ import papermill
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
-from runner.engines import ENGINE_NAME, KernelProvider, kernel_pid
+from runner.engines import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
 from runner.inspection import error_from_notebook
 from runner.models import ErrorInfo, JobState, utcnow
 
@@ -45,23 +44,25 @@ class Execution:
 def execute(
     template_path: Path,
     output_path: Path,
+    cwd: Path,
     parameters: dict[str, Any],
     kernel_name: str,
     kernels: KernelProvider,
     timeout: float,
     metadata: dict[str, Any] | None = None,
 ) -> Execution:
-    """Run ``template_path`` into ``output_path`` (kept whatever the outcome) and report the outcome."""
+    """Run ``template_path`` into ``output_path`` (kept whatever the outcome) in a kernel working in ``cwd``."""
     started = utcnow()
-    km = kernels.acquire(kernel_name, cwd=output_path.parent)
+    km = kernels.acquire(kernel_name, cwd=cwd)
     timed_out = threading.Event()
 
     def kill() -> None:
+        # By pid, not km.kill_kernel(): the manager belongs to the thread running the notebook.
         timed_out.set()
         pid = kernel_pid(km)
         log.warning("run exceeded %.0fs: killing kernel %s (pid %s)", timeout, kernel_name, pid)
-        with contextlib.suppress(Exception):  # already gone
-            km.kill_kernel()
+        if pid is not None:
+            kill_process_tree(pid)
 
     watchdog = threading.Timer(timeout, kill)
     watchdog.daemon = True

@@ -274,8 +274,8 @@ class Runner:
             "environment": template.config.environment,
             "kernel": kernel,
         }
-        result = execute(template.path, reservation.staged_notebook, parameters, kernel, self.kernels,
-                         timeout=template.config.timeout, metadata=provenance)
+        result = execute(template.path, reservation.staged_notebook, reservation.final, parameters, kernel,
+                         self.kernels, timeout=template.config.timeout, metadata=provenance)
         if self.stop_event.is_set() and result.state is not JobState.SUCCEEDED:
             raise Interrupted()  # killed by our own shutdown: the run is redone after redelivery
         outputs = output_files(reservation.final, exclude={reservation.notebook_name, RECORD})

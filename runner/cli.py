@@ -1,0 +1,247 @@
+"""``nbreduce``: the command line of the platform (broker, runner, submissions, views, demo)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from runner.config import BrokerNotConfigured, Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM ask for a clean stop (Kubernetes sends SIGTERM); a second one exits at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise SystemExit(130)
+        click.echo("stopping… (again to force)", err=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``k=v`` with v read as JSON when it is JSON (numbers, true/false, lists), else as a string."""
+    if "=" not in text:
+        raise click.BadParameter(f"{text!r} is not NAME=VALUE")
+    name, value = text.split("=", 1)
+    try:
+        return name.strip(), json.loads(value)
+    except ValueError:
+        return name.strip(), value
+
+
+class NbreduceGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokerNotConfigured as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=NbreduceGroup)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def main(verbose: int) -> None:
+    """Notebook-first automatic data reduction: trigger -> broker -> runner -> archive -> hub."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- broker -------------------------------------------------------------------------------------
+@main.group()
+def broker() -> None:
+    """The embedded Kafka-API broker (Tansu) of this NBREDUCE_HOME."""
+
+
+@broker.command("start")
+@click.option("--memory", is_flag=True, help="Throw-away storage (lost on stop) instead of durable S3 storage.")
+def broker_start(memory: bool) -> None:
+    from runner.broker import BrokerError, EmbeddedBroker
+
+    try:
+        state = EmbeddedBroker(_settings()).start(memory=memory)
+    except BrokerError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"broker running at {state['bootstrap']} ({state['storage']} storage)")
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    from runner.broker import EmbeddedBroker
+
+    if EmbeddedBroker(_settings()).stop():
+        click.echo("broker stopped")
+    else:
+        click.echo("no embedded broker was running")
+
+
+@broker.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def broker_status(as_json: bool) -> None:
+    from runner.broker import EmbeddedBroker
+
+    status = EmbeddedBroker(_settings()).status()
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    elif status["running"]:
+        click.echo(f"running at {status['bootstrap']} ({status['storage']} storage, since {status['started_at']})")
+    else:
+        click.echo(f"not running (NBREDUCE_HOME={status['home']})")
+        sys.exit(3)
+
+
+# -- runner -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--parallel", type=int, default=None, help="Reductions run at once (default NBREDUCE_MAX_PARALLEL=2).")
+def runner(parallel: int | None) -> None:
+    """Consume run completions and requests, run templates, publish to the archive."""
+    from runner.runner import Runner
+
+    settings = _settings()
+    if parallel:
+        settings = settings.model_copy(update={"max_parallel": parallel})
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    Runner(settings).run(stop, on_ready=lambda: click.echo(f"runner ready (group {settings.runner_group})", err=True))
+
+
+# -- submissions and views ----------------------------------------------------------------------
+@main.command()
+@click.option("--instrument", "-i", required=True)
+@click.option("--run", "runs", required=True, multiple=True, type=int, help="Run number (repeat for multi-run).")
+@click.option("--file", "files", required=True, multiple=True, help="Data file (repeat for multi-run).")
+@click.option("--rb", help="Experiment (RB) number; read from the NeXus file when omitted.")
+@click.option("--title", default="")
+@click.option("--param", "params", multiple=True, help="Template parameter override NAME=VALUE (repeatable).")
+@click.option("--user", default=None, help="Requested by (default: your login name).")
+@click.option("--wait", "wait", is_flag=True, help="Wait until the job reaches a final state.")
+@click.option("--timeout", default=600.0, help="With --wait: give up after this many seconds.")
+def submit(instrument, runs, files, rb, title, params, user, wait, timeout) -> None:
+    """Submit a reduction by hand (goes through nbreduce.reduction-requests)."""
+    import getpass
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from runner.submit import submit_request, wait_for_job
+
+    try:
+        overrides = dict(parse_param(p) for p in params)
+        job_id = submit_request(
+            _settings(),
+            instrument=instrument,
+            run_number=list(runs) if len(runs) > 1 else runs[0],
+            data=[str(Path(f).resolve()) for f in files] if len(files) > 1 else str(Path(files[0]).resolve()),
+            rb_number=rb,
+            run_title=title,
+            reduction_arguments=overrides,
+            requested_by=user or getpass.getuser(),
+        )
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid submission: {exc}") from None
+    click.echo(f"submitted job {job_id}")
+    if wait:
+        event = wait_for_job(_settings(), job_id, timeout)
+        if event is None:
+            raise click.ClickException(f"job {job_id} not finished after {timeout:.0f} s")
+        click.echo(f"{event.state.value}: {event.notebook or ''} {event.reason or ''}".rstrip())
+        sys.exit(0 if event.state.value == "succeeded" else 1)
+
+
+@main.command()
+@click.option("--instrument", "-i", default=None)
+@click.option("--state", default=None, help="Only jobs in this state.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def runs(instrument, state, limit, as_json) -> None:
+    """Jobs and their states, newest first (folded from the status topic)."""
+    from runner.state import StatusView
+
+    jobs = sorted(StatusView.rebuild(_settings()).snapshot(), key=lambda e: e.timestamp, reverse=True)
+    if instrument:
+        jobs = [j for j in jobs if j.instrument == instrument.upper()]
+    if state:
+        jobs = [j for j in jobs if j.state.value == state]
+    jobs = jobs[:limit]
+    if as_json:
+        click.echo(json.dumps([j.model_dump(mode="json", exclude_none=True) for j in jobs], indent=2))
+        return
+    if not jobs:
+        click.echo("no jobs")
+        return
+    click.echo(f"{'JOB':10} {'INSTR':7} {'RUN':>12} {'RB':>9} {'V':>3} {'STATE':10} {'UPDATED':20} DETAIL")
+    for j in jobs:
+        run = "-".join(str(r) for r in j.runs[:1] + j.runs[-1:]) if len(j.runs) > 1 else str(j.run_number or "")
+        detail = j.notebook or ""
+        if j.reason and j.state.value != "succeeded":
+            detail = j.reason
+        click.echo(f"{j.job_id[:10]:10} {j.instrument or '?':7} {run:>12} {j.rb_number or '':>9} "
+                   f"{j.version or '':>3} {j.state.value:10} {j.timestamp:%Y-%m-%d %H:%M:%S}  {detail}")
+
+
+@main.command("dead-letters")
+@click.option("--json", "as_json", is_flag=True)
+def dead_letters(as_json) -> None:
+    """Messages that were rejected, with their reason and original bytes."""
+    from runner.kafka import read_topic
+    from runner.models import DeadLetter
+    from runner.topics import DEAD_LETTER
+
+    letters = [DeadLetter.from_bytes(m.value()) for m in read_topic(_settings(), DEAD_LETTER)]
+    if as_json:
+        click.echo(json.dumps([d.model_dump(mode="json") for d in letters], indent=2))
+        return
+    if not letters:
+        click.echo("no dead letters")
+    for d in letters:
+        preview = d.value[:80].decode(errors="replace").replace("\n", " ")
+        click.echo(f"{d.timestamp:%Y-%m-%d %H:%M:%S} {d.source_topic}[{d.partition}]@{d.offset}: {d.reason}\n"
+                   f"    {preview}")
+
+
+# -- simulation and demo ------------------------------------------------------------------------
+@main.command()
+@click.option("--instrument", "-i", required=True)
+@click.option("--runs", "count", default=1, show_default=True, help="Number of runs to simulate.")
+@click.option("--events", default=None, type=int, help="Neutron events per run.")
+@click.option("--rb", default=None, help="Experiment (RB) number.")
+@click.option("--no-publish", is_flag=True, help="Only write the files, publish no run-completion message.")
+def simulate(instrument, count, events, rb, no_publish) -> None:
+    """Write ISIS-style NeXus event files and publish their run-completion messages."""
+    from runner.simulate import simulate as run_simulation
+
+    kwargs = {"events": events} if events else {}
+    messages = run_simulation(_settings(), instrument.upper(), count, rb_number=rb, publish=not no_publish, **kwargs)
+    for m in messages:
+        click.echo(f"{m.instrument} run {m.run_number} RB{m.rb_number}: {m.data}")
+
+
+@main.command()
+@click.option("--runs", "count", default=2, show_default=True, help="Runs per instrument.")
+@click.option("--events", default=None, type=int)
+@click.option("--no-hub", is_flag=True, help="Do not start JupyterHub and the portal.")
+@click.option("--exit-when-done", is_flag=True, help="Stop once the simulated runs are reduced (for CI).")
+def demo(count, events, no_hub, exit_when_done) -> None:
+    """Start broker and runner, simulate runs on every instrument, show progress (Ctrl-C stops)."""
+    from runner.demo import run_demo
+
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    ok = run_demo(_settings(), count, events, hub=not no_hub, exit_when_done=exit_when_done, stop=stop)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
