@@ -1,0 +1,199 @@
+"""``make bench``: end-to-end figures of the platform on this machine, written to docs/benchmarks.md.
+
+Measured against a real embedded broker and a runner started as its own process (as in production):
+- papermill CLI on the trivial template (the baseline: what running it by hand costs),
+- end-to-end latency submit -> ``succeeded`` for the same template, one at a time,
+- throughput of trivial runs with 2 reductions in parallel,
+- runner resident memory (kernels excluded),
+- the real scipp templates (WISH powder, MARI spectrometer) end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from runner.broker import EmbeddedBroker
+from runner.config import Settings
+from runner.kafka import Publisher
+from runner.models import ReductionRequest, StatusEvent
+from runner.state import StatusView, follow
+from runner.submit import request_job_id
+from runner.topics import REDUCTION_REQUESTS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return (f"{cpu}, {psutil.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+class Tracker:
+    """Follows the status topic and timestamps final states as they arrive."""
+
+    def __init__(self, settings: Settings):
+        self.final: dict[str, tuple[float, StatusEvent]] = {}
+        self.stop = threading.Event()
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=follow, args=(settings, StatusView(), self.stop, self._on), daemon=True)
+        self.thread.start()
+
+    def _on(self, event: StatusEvent) -> None:
+        if event.state.final:
+            with self.cond:
+                self.final[event.job_id] = (time.perf_counter(), event)
+                self.cond.notify_all()
+
+    def wait(self, job_ids: set[str], timeout: float = 600) -> dict[str, tuple[float, StatusEvent]]:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not job_ids <= self.final.keys():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(job_ids - self.final.keys())} jobs not finished")
+                self.cond.wait(left)
+            return {j: self.final[j] for j in job_ids}
+
+
+def submit(publisher: Publisher, **fields) -> tuple[str, float]:
+    request = ReductionRequest(requested_by="bench", **fields)
+    t0 = time.perf_counter()
+    publisher.publish(REDUCTION_REQUESTS, request, key=request.instrument)
+    return request_job_id(request), t0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--latency-runs", type=int, default=10)
+    parser.add_argument("--throughput-runs", type=int, default=30)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="nbreduce-bench-"))
+    notebooks = work / "notebooks"
+    notebooks.mkdir()
+    shutil.copytree(REPO / "bench" / "notebooks" / "TRIVIAL", notebooks / "TRIVIAL")
+    for inst in ("WISH", "MARI"):
+        if (REPO / "notebooks" / inst).is_dir():
+            shutil.copytree(REPO / "notebooks" / inst, notebooks / inst, ignore=shutil.ignore_patterns("sample_*"))
+    env = {**os.environ, "NBREDUCE_HOME": str(work / "home"), "NBREDUCE_NOTEBOOKS": str(notebooks),
+           "NBREDUCE_DATA_ROOTS": str(work / "home" / "data"), "NBREDUCE_MAX_PARALLEL": "2"}
+    settings = Settings.from_env(env)
+    data = settings.data_roots[0]
+    data.mkdir(parents=True)
+    trivial_file = data / "TRIVIAL00000001.txt"
+    trivial_file.write_text("counts")
+    rows: list[tuple[str, str]] = []
+
+    # -- baseline: papermill CLI on the same template ------------------------------------------
+    cli_times = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "papermill"), "--no-progress-bar", "-p", "run_number", str(i),
+                        "-p", "data_file", str(trivial_file), str(notebooks / "TRIVIAL" / "reduce.ipynb"),
+                        str(work / f"pm{i}.ipynb")], check=True, capture_output=True, env=env)
+        cli_times.append(time.perf_counter() - t0)
+    papermill_cli = statistics.median(cli_times)
+    rows.append(("papermill CLI, trivial template (median of 5, wall)", f"{papermill_cli:.2f} s"))
+
+    broker = EmbeddedBroker(settings)
+    broker.start(memory=True)
+    runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "runner"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=(work / "runner.log").open("w"))
+    tracker = Tracker(settings)
+    publisher = Publisher(settings)
+    try:
+        # warm-up: group join and first run
+        job, _ = submit(publisher, instrument="TRIVIAL", run_number=1, data=str(trivial_file), rb_number="1")
+        tracker.wait({job}, 120)
+
+        latencies = []
+        for i in range(args.latency_runs):
+            job, t0 = submit(publisher, instrument="TRIVIAL", run_number=100 + i, data=str(trivial_file),
+                             rb_number="1")
+            t_end, event = tracker.wait({job})[job]
+            assert event.state.value == "succeeded", event.reason
+            latencies.append(t_end - t0)
+        p50 = statistics.median(latencies)
+        rows.append((f"end to end submit -> succeeded, trivial template, p50 of {args.latency_runs}", f"{p50:.2f} s"))
+        rows.append((f"end to end, p95 of {args.latency_runs}", f"{pct(latencies, 0.95):.2f} s"))
+        rows.append(("end-to-end overhead over papermill CLI (p50 - CLI)", f"{p50 - papermill_cli:+.2f} s "
+                     f"({p50 / papermill_cli:.2f}x the CLI time)"))
+
+        t0 = time.perf_counter()
+        jobs = {submit(publisher, instrument="TRIVIAL", run_number=1000 + i, data=str(trivial_file),
+                       rb_number="1")[0] for i in range(args.throughput_runs)}
+        done = tracker.wait(jobs, 1800)
+        elapsed = max(t for t, _ in done.values()) - t0
+        rows.append((f"throughput, {args.throughput_runs} trivial runs, 2 in parallel",
+                     f"{args.throughput_runs / elapsed * 60:.0f} runs/min"))
+        rss = psutil.Process(runner.pid).memory_info().rss / 2**20
+        rows.append(("runner resident memory after these runs (kernels excluded)", f"{rss:.0f} MB"))
+
+        from runner.simulate import simulate
+
+        for inst in ("WISH", "MARI"):
+            if not (notebooks / inst).is_dir():
+                continue
+            message = simulate(settings, inst, 1, publish=False)[0]
+            job, t0 = submit(publisher, instrument=inst, run_number=message.run_number, data=message.data,
+                             rb_number=message.rb_number)
+            t_end, event = tracker.wait({job}, 900)[job]
+            rows.append((f"{inst} scipp template end to end (cold kernel), default events",
+                         f"{t_end - t0:.1f} s ({event.state.value})"))
+    finally:
+        tracker.stop.set()
+        runner.terminate()
+        runner.wait(60)
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    section = (f"## Core pipeline ({datetime.now(UTC):%Y-%m-%d})\n\nMachine: {machine()}.\n"
+               f"Broker: embedded Tansu (memory storage); runner as its own process; cold kernel per run.\n\n"
+               f"| measurement | result |\n|---|---|\n{table}\n")
+    print(section)
+    _write_section(args.output, "Core pipeline", section)
+
+
+def _write_section(path: Path, title: str, section: str) -> None:
+    """Replace this benchmark's section of docs/benchmarks.md, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nProduced by `make bench`; never timed in tests.\n"
+    start = text.find(f"## {title}")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
