@@ -67,10 +67,11 @@ class Publisher:
     def __init__(self, settings: Settings):
         self._producer = producer(settings)
 
-    def publish(self, topic: str, message: WireModel | bytes, key: str | bytes | None = None,
+    def publish(self, topic: str, message: WireModel | bytes | None, key: str | bytes | None = None,
                 timeout: float = 30) -> None:
+        """``message=None`` publishes a tombstone (deletes ``key`` on compacted topics)."""
         errors: list[KafkaError] = []
-        value = message if isinstance(message, bytes) else message.to_bytes()
+        value = message.to_bytes() if isinstance(message, WireModel) else message
         self._producer.produce(topic, value=value, key=key,
                                on_delivery=lambda err, _msg: errors.append(err) if err else None)
         remaining = self._producer.flush(timeout)
@@ -87,8 +88,9 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
     """Every message of ``topic`` from the beginning up to the end of each partition at read time.
 
     Uses ``assign`` rather than a group (no rebalance wait, no committed offsets). The end of a
-    partition is taken from partition-EOF events, not ``get_watermark_offsets``: Tansu answers
-    ListOffsets with a wrong high watermark, while its Fetch responses carry the right one.
+    partition is its partition-EOF event, not ``get_watermark_offsets`` (Tansu answers ListOffsets
+    with a wrong high watermark), or the first message written after the read began, so a topic
+    written to faster than it is fetched still ends.
     """
     consumer = Consumer(
         {
@@ -105,6 +107,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
         if metadata is None or metadata.error is not None:
             return
         pending = set(metadata.partitions)
+        began_ms = int(time.time() * 1000)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         idle_deadline = time.monotonic() + timeout
         while pending:
@@ -117,6 +120,8 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
                 err = msg.error()
                 if err is None:
                     yield msg
+                    if msg.timestamp()[1] > began_ms:
+                        pending.discard(msg.partition())
                 elif err.code() == KafkaError._PARTITION_EOF:
                     pending.discard(msg.partition())
                 else:

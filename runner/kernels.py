@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import signal
@@ -93,13 +94,34 @@ class KernelStartError(RuntimeError):
     """A kernel did not start or did not become ready in time."""
 
 
+def parse_sizes(text: str) -> dict[str, int]:
+    """Pool sizes from configuration text such as ``"nbreduce-scipp=2, python3=1"`` (empty: no pool)."""
+    sizes: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = item.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit():
+            raise ValueError(f"pool size {item!r} is not KERNEL=COUNT")
+        sizes[name.strip()] = int(count)
+    return sizes
+
+
 # --------------------------------------------------------------------------- kernel health
 
 
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
 def kernel_alive(km: KernelManager) -> bool:
-    """Whether ``km``'s kernel process is running (False after OOM kill, ``kill -9``, crash or shutdown)."""
+    """Whether ``km``'s kernel process is running (False after OOM kill, ``kill -9``, crash or shutdown).
+
+    Works for blocking and async managers alike, from any thread (a watchdog's, say).
+    """
     try:
-        return bool(km.has_kernel and km.is_alive())
+        if not km.has_kernel:
+            return False
+        alive = km.is_alive()
+        return bool(run_sync(_awaited)(alive) if inspect.isawaitable(alive) else alive)
     except Exception:  # a half torn-down manager counts as dead
         return False
 

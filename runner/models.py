@@ -14,13 +14,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
 #: Instrument names become folder names: upper-case letters, digits, underscore only.
 InstrumentName = Annotated[
-    str, StringConstraints(strip_whitespace=True, to_upper=True, pattern=r"^[A-Z][A-Z0-9_]{0,31}$")
+    str,
+    BeforeValidator(lambda v: v.strip().upper() if isinstance(v, str) else v),  # "mari" is MARI
+    StringConstraints(pattern=r"^[A-Z][A-Z0-9_]{0,31}$"),
 ]
 #: Experiment (RB) numbers: digits only (ISIS uses 7; calibration placeholders are reported by the runner).
 RBNumber = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[0-9]{1,12}$")]
@@ -66,6 +68,16 @@ class RunCompletion(WireModel):
     started_by: int | str = 0
     #: Parameter overrides for the template (legacy ``standard_vars``/``advanced_vars`` are flattened).
     reduction_arguments: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data: Any) -> Any:
+        """The legacy writer sends every field, null when unset: null means "the default" here."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
 
     @field_validator("rb_number", mode="before")
     @classmethod
@@ -224,3 +236,4 @@ class DeadLetter(WireModel):
     @property
     def key(self) -> bytes | None:
         return base64.b64decode(self.key_b64) if self.key_b64 is not None else None
+
