@@ -211,6 +211,55 @@ def dead_letters(as_json) -> None:
                    f"    {preview}")
 
 
+# -- triggers -----------------------------------------------------------------------------------
+@main.command()
+@click.option("--instrument", "-i", "instruments", multiple=True, help="Instrument to watch (default: all templates).")
+@click.option("--interval", default=10.0, show_default=True, help="Seconds between polls of lastrun.txt.")
+@click.option("--from", "start_from", multiple=True, help="INSTRUMENT=RUN: first run to publish when no state exists.")
+@click.option("--max-backfill", default=1000, show_default=True, help="Larger gaps are reported, not published.")
+def watch(instruments, interval, start_from, max_backfill) -> None:
+    """Poll ISIS lastrun.txt files; publish every new run, backfilling gaps after downtime."""
+    from runner.triggers import watch as run_watch
+
+    starts = {k.upper(): int(v) for k, v in (parse_param(s) for s in start_from)}
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    run_watch(_settings(), [i.upper() for i in instruments] or None, interval, stop, start_from=starts,
+              max_backfill=max_backfill)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["runinfo", "legacy"]))
+@click.option("--topic", "topics", multiple=True,
+              help="runinfo: topics (default all <INST>_runInfo); legacy: the data_ready topic.")
+def bridge(kind, topics) -> None:
+    """Turn ISIS run start/stop (runinfo) or legacy data_ready messages into run completions."""
+    from runner.triggers import run_bridge
+
+    options: dict[str, Any] = {}
+    if topics:
+        options = {"topics": list(topics)} if kind == "runinfo" else {"topic": topics[0]}
+    stop = threading.Event()
+    _install_stop_signals(stop)
+    run_bridge(_settings(), kind, stop, **options)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def triggers(as_json) -> None:
+    """Health of the triggers: last heartbeat, last run seen, errors (a stalled watcher shows here)."""
+    from runner.triggers import trigger_health
+
+    rows = trigger_health(_settings())
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no trigger has reported yet")
+    for r in rows:
+        click.echo(" ".join(f"{k}={v}" for k, v in r.model_dump(mode="json", exclude_none=True).items()))
+
+
 # -- simulation and demo ------------------------------------------------------------------------
 @main.command()
 @click.option("--instrument", "-i", required=True)
@@ -242,6 +291,14 @@ def demo(count, events, no_hub, exit_when_done) -> None:
     ok = run_demo(_settings(), count, events, hub=not no_hub, exit_when_done=exit_when_done, stop=stop)
     sys.exit(0 if ok else 1)
 
+
+def _add_plugins() -> None:
+    from runner.environments import env_commands
+
+    main.add_command(env_commands, "env")
+
+
+_add_plugins()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

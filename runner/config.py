@@ -34,6 +34,9 @@ class Settings(BaseModel):
     max_parallel: int = Field(2, ge=1)
     file_wait_seconds: float = Field(120.0, ge=0)
     default_timeout_seconds: float = Field(3600.0, gt=0)
+    #: Warm kernels per kernel name, e.g. ``nbreduce-scipp=2,python3=1``; ``auto``: every enabled
+    #: template's kernel, as many as run in parallel; ``0``: always cold-start.
+    warm_kernels: str = "auto"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -52,6 +55,7 @@ class Settings(BaseModel):
             max_parallel=int(env.get("NBREDUCE_MAX_PARALLEL", "2")),
             file_wait_seconds=float(env.get("NBREDUCE_FILE_WAIT_SECONDS", "120")),
             default_timeout_seconds=float(env.get("NBREDUCE_DEFAULT_TIMEOUT", "3600")),
+            warm_kernels=env.get("NBREDUCE_WARM_KERNELS", "auto"),
         )
 
     @property

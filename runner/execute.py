@@ -23,6 +23,7 @@ from papermill.exceptions import PapermillExecutionError
 from runner.engines import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
 from runner.inspection import error_from_notebook
 from runner.models import ErrorInfo, JobState, utcnow
+from runner.provenance import kernel_record
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,10 @@ class Execution:
     started_at: datetime
     finished_at: datetime
     kernel: str
-    kernel_display_name: str | None = None
+    #: Kernel, display name, environment and build hash, packages (see runner.provenance.kernel_record).
+    kernel_info: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
     reason: str | None = None
-    extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def execute(
@@ -54,6 +55,7 @@ def execute(
     """Run ``template_path`` into ``output_path`` (kept whatever the outcome) in a kernel working in ``cwd``."""
     started = utcnow()
     km = kernels.acquire(kernel_name, cwd=cwd)
+    kernel_info = kernel_record(km)
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -68,7 +70,6 @@ def execute(
     watchdog.daemon = True
     watchdog.start()
     state, error, reason = JobState.SUCCEEDED, None, None
-    display_name = getattr(getattr(km, "kernel_spec", None), "display_name", None)
     try:
         papermill.execute_notebook(
             str(template_path),
@@ -99,10 +100,13 @@ def execute(
         watchdog.cancel()
         kernels.release(km)
     finished = utcnow()
-    _finalise_notebook(output_path, kernel_name, display_name, state, reason, metadata or {})
+    started_at = started.isoformat()
+    _finalise_notebook(output_path, kernel_name, kernel_info.get("display_name"), state, reason,
+                       {**(metadata or {}), "kernel": kernel_info, "started_at": started_at,
+                        "finished_at": finished.isoformat()})
     if state is JobState.FAILED and error is not None and error.cell_index is None and output_path.exists():
         error = error_from_notebook(nbformat.read(output_path, as_version=4)) or error
-    return Execution(state, started, finished, kernel_name, display_name, error, reason)
+    return Execution(state, started, finished, kernel_name, kernel_info, error, reason)
 
 
 def _finalise_notebook(path: Path, kernel_name: str, display_name: str | None, state: JobState,

@@ -27,14 +27,16 @@ from typing import Any
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
-from runner import __version__
 from runner.archive import RECORD, Archive
 from runner.config import Settings
 from runner.datafiles import DataNotReady, DataPathError, check_data_paths, rb_from_nexus, wait_until_ready
-from runner.engines import ColdKernels, KernelProvider, kernel_exists
+from runner.engines import KernelProvider, kernel_exists
+from runner.environments import kernel_name as environment_kernel_name
+from runner.environments import normalise_hash, preload_by_kernel
 from runner.execute import execute
 from runner.inspection import output_files, scraps_summary
 from runner.kafka import Publisher, group_consumer
+from runner.kernels import KernelPool, parse_sizes
 from runner.models import (
     DeadLetter,
     JobState,
@@ -45,8 +47,9 @@ from runner.models import (
     utcnow,
 )
 from runner.parameterize import ParameterError, build_parameters
+from runner.provenance import runner_record
 from runner.state import StatusView
-from runner.templates import TemplateError, TemplateRegistry
+from runner.templates import Template, TemplateError, TemplateRegistry
 from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, REDUCTION_STATUS, RUN_COMPLETIONS
 
 log = logging.getLogger(__name__)
@@ -89,7 +92,7 @@ class Runner:
         self.settings = settings
         self.registry = TemplateRegistry(settings.notebooks)
         self.archive = Archive(settings.archive)
-        self.kernels = kernels or ColdKernels(settings)
+        self.kernels = kernels
         self.defaults = defaults
         self.view = StatusView()
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -104,6 +107,12 @@ class Runner:
         self.settings.archive.mkdir(parents=True, exist_ok=True)
         self._publisher = Publisher(self.settings)
         self.view = StatusView.rebuild(self.settings)
+        pool = None
+        if self.kernels is None:
+            sizes, preload = self.warm_plan()
+            pool = KernelPool(self.settings, sizes, preload).start()
+            self.kernels = pool
+            log.info("warm kernels: %s", sizes or "none (cold start per run)")
         log.info("runner %s: %d jobs known from %s", self.identity, len(self.view.jobs), REDUCTION_STATUS)
         consumer = group_consumer(self.settings, self.settings.runner_group)
         tracker = OffsetTracker()
@@ -153,6 +162,9 @@ class Runner:
             self._drain(done, tracker, consumer, [])
             consumer.close()
             self._publisher.close()
+            if pool is not None:
+                pool.stop()
+                self.kernels = None
 
     def _drain(self, done: queue.SimpleQueue, tracker: OffsetTracker, consumer, retry_at: list) -> None:
         finished = False
@@ -254,11 +266,13 @@ class Runner:
         except ParameterError as exc:
             self.archive.release(reservation)
             raise Rejected(str(exc)) from None
-        kernel = template.kernel_name
-        if kernel is None or not kernel_exists(self.settings, kernel):
-            if kernel is not None:
-                notes.append(f"kernel {kernel} is not built (`nbreduce env build`); ran in {FALLBACK_KERNEL}")
-            kernel = FALLBACK_KERNEL
+        kernel, note = self.kernel_for(template, getattr(request, "environment_hash", None))
+        if kernel is None:
+            self.archive.release(reservation)
+            self._status(job, JobState.FAILED, reason=note, finished_at=utcnow())
+            return
+        if note:
+            notes.append(note)
         notebook = self.archive.relative(reservation.notebook)
         started = utcnow()
         self._status(job, JobState.RUNNING, version=reservation.version, notebook=notebook, started_at=started,
@@ -270,9 +284,7 @@ class Runner:
             "template_hash": template.content_hash,
             "parameters": parameters,
             "trigger": job.trigger.model_dump(),
-            "runner": {"version": __version__, "host": self.identity},
-            "environment": template.config.environment,
-            "kernel": kernel,
+            "runner": runner_record(self.identity),
         }
         result = execute(template.path, reservation.staged_notebook, reservation.final, parameters, kernel,
                          self.kernels, timeout=template.config.timeout, metadata=provenance)
@@ -284,12 +296,57 @@ class Runner:
         record = self._event(
             job, result.state, version=reservation.version, notebook=notebook, started_at=result.started_at,
             finished_at=result.finished_at, parameters=parameters, kernel=kernel,
-            environment=template.config.environment, template_hash=template.content_hash,
+            environment=result.kernel_info.get("environment") or template.config.environment,
+            environment_hash=result.kernel_info.get("environment_hash"), template_hash=template.content_hash,
             output_files=[self.archive.relative(p) for p in outputs],
             scraps=scraps_summary(reservation.staged_notebook), error=result.error, reason="; ".join(notes) or None,
         )
         self.archive.publish(reservation, record)
         self._publish_status(record)
+
+    # -- kernels --------------------------------------------------------------------------------
+    def kernel_for(self, template: Template, environment_hash: str | None = None) -> tuple[str | None, str | None]:
+        """The kernel a run uses, and a note for the user; ``(None, reason)`` when it cannot run.
+
+        A requested build (rerun "with the original environment") must exist exactly; otherwise the
+        environment's current build, or the runner's own ``python3`` while the environment is not built.
+        """
+        environment = template.config.environment
+        if environment_hash:
+            if template.config.kernel or not environment:
+                return None, f"{template.instrument} runs in kernel {template.kernel_name}, which has no builds"
+            exact = environment_kernel_name(environment, normalise_hash(environment_hash))
+            if kernel_exists(self.settings, exact):
+                return exact, None
+            return None, f"environment {environment} build {environment_hash} is not available on this runner"
+        kernel = template.kernel_name
+        if kernel is not None and kernel_exists(self.settings, kernel):
+            return kernel, None
+        if kernel is not None:
+            return FALLBACK_KERNEL, f"kernel {kernel} is not built (`nbreduce env build`); ran in {FALLBACK_KERNEL}"
+        return FALLBACK_KERNEL, None
+
+    def warm_plan(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Pool sizes and preload statements per kernel (see ``Settings.warm_kernels``)."""
+        preload = preload_by_kernel()
+        if self.settings.warm_kernels.strip() not in ("auto", ""):
+            text = self.settings.warm_kernels.strip()
+            return ({} if text == "0" else parse_sizes(text)), preload
+        sizes: dict[str, int] = {}
+        for instrument in self.registry.instruments():
+            try:
+                template = self.registry.resolve(instrument)
+            except TemplateError:
+                continue
+            kernel, _ = self.kernel_for(template)
+            if kernel is None:
+                continue
+            sizes[kernel] = self.settings.max_parallel
+            env_kernel = environment_kernel_name(template.config.environment) if template.config.environment else None
+            if kernel == FALLBACK_KERNEL and env_kernel in preload:  # the runner's venv carries the same packages
+                preload.setdefault(FALLBACK_KERNEL, [])
+                preload[FALLBACK_KERNEL] = list(dict.fromkeys(preload[FALLBACK_KERNEL] + preload[env_kernel]))
+        return sizes, preload
 
     # -- publishing -----------------------------------------------------------------------------
     def _event(self, job: Job, state: JobState, **fields: Any) -> StatusEvent:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS = 200_000
 #: Events generated (and held in memory) at a time; bounds memory for any run size.
-CHUNK_EVENTS = 1_000_000
+CHUNK_EVENTS = 500_000
 
 _MN = const.m_n.value  # kg
 _H = const.h.value  # J s
@@ -105,9 +105,14 @@ class Monitor:
     counts: np.ndarray
 
 
+def _cumulative(x: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Running trapezoidal integral of a tabulated density, starting at 0."""
+    return np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(x))])
+
+
 def _sample_from_density(rng: np.random.Generator, x: np.ndarray, density: np.ndarray, n: int) -> np.ndarray:
     """Inverse-CDF sampling of a tabulated density (linear interpolation between grid points)."""
-    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(x))])
+    cdf = _cumulative(x, density)
     return np.interp(rng.random(n) * cdf[-1], cdf, x)
 
 
@@ -233,8 +238,7 @@ class PowderDiffractometer:
         inside = (tof > self.tof_window[0]) & (tof < self.tof_window[1])
         peaks = intensity[None, :] * moderator_spectrum(wavelength) * inside
         grid = self.wavelengths
-        flux = moderator_spectrum(grid)
-        cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (flux[1:] + flux[:-1]) * np.diff(grid))])
+        cumulative = _cumulative(grid, moderator_spectrum(grid))
         lo, hi = (np.interp(t / (TOF_PER_M_A * path), grid, cumulative) for t in self.tof_window)
         return peaks, hi - lo
 
