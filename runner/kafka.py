@@ -7,8 +7,9 @@ hangs for minutes on the embedded broker, so long reductions run off the polling
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -126,5 +127,33 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
                     pending.discard(msg.partition())
                 else:
                     raise KafkaException(err)
+    finally:
+        consumer.close()
+
+
+def follow_topic(settings: Settings, topic: str, stop: threading.Event, on_message: Callable[[Message], None],
+                 caught_up: threading.Event | None = None) -> None:
+    """Replay ``topic`` from the beginning and keep following it until ``stop`` is set.
+
+    ``caught_up`` is set once every partition has reached its end at least once, i.e. when a view
+    built from the messages is complete as of start-up.
+    """
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "nbreduce-follower",
+                         "enable.auto.commit": False, "enable.partition.eof": True, "logger": _librdkafka_log})
+    try:
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        pending = set(partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        while not stop.is_set():
+            for msg in consumer.consume(10000, timeout=0.2):
+                err = msg.error()
+                if err is None:
+                    on_message(msg)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(msg.partition())
+                    if not pending and caught_up is not None:
+                        caught_up.set()
+                else:
+                    log.warning("following %s: %s", topic, err)
     finally:
         consumer.close()

@@ -30,12 +30,13 @@ from pydantic import ValidationError
 from runner.archive import RECORD, Archive
 from runner.config import Settings
 from runner.datafiles import DataNotReady, DataPathError, check_data_paths, rb_from_nexus, wait_until_ready
+from runner.defaults import ParameterDefaults, fold_defaults, merged_defaults
 from runner.engines import KernelProvider, kernel_exists
 from runner.environments import kernel_name as environment_kernel_name
 from runner.environments import normalise_hash, preload_by_kernel
 from runner.execute import execute
 from runner.inspection import output_files, scraps_summary
-from runner.kafka import Publisher, group_consumer
+from runner.kafka import Publisher, follow_topic, group_consumer
 from runner.kernels import KernelPool, parse_sizes
 from runner.models import (
     DeadLetter,
@@ -50,7 +51,7 @@ from runner.parameterize import ParameterError, build_parameters
 from runner.provenance import runner_record
 from runner.state import StatusView
 from runner.templates import Template, TemplateError, TemplateRegistry
-from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, REDUCTION_STATUS, RUN_COMPLETIONS
+from runner.topics import DEAD_LETTER, PARAMETER_DEFAULTS, REDUCTION_REQUESTS, REDUCTION_STATUS, RUN_COMPLETIONS
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class Runner:
         self.archive = Archive(settings.archive)
         self.kernels = kernels
         self.defaults = defaults
+        self._parameter_defaults: dict[str, ParameterDefaults] = {}
         self.view = StatusView()
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.stop_event = threading.Event()
@@ -107,6 +109,14 @@ class Runner:
         self.settings.archive.mkdir(parents=True, exist_ok=True)
         self._publisher = Publisher(self.settings)
         self.view = StatusView.rebuild(self.settings)
+        followers = threading.Event()
+        if self.defaults is None:  # instrument scientists' defaults, followed live from their topic
+            loaded = threading.Event()
+            threading.Thread(target=follow_topic, name="defaults-follower", daemon=True, args=(
+                self.settings, PARAMETER_DEFAULTS, followers,
+                lambda m: fold_defaults([(m.key(), m.value())], self._parameter_defaults), loaded)).start()
+            self.defaults = lambda instrument, rb: merged_defaults(self._parameter_defaults, instrument, rb)
+            loaded.wait(30)
         pool = None
         if self.kernels is None:
             sizes, preload = self.warm_plan()
@@ -162,6 +172,7 @@ class Runner:
             self._drain(done, tracker, consumer, [])
             consumer.close()
             self._publisher.close()
+            followers.set()
             if pool is not None:
                 pool.stop()
                 self.kernels = None

@@ -7,7 +7,7 @@ for a powder diffractometer, an elastic line plus a crystal-field level for a ch
 so a template's result can be checked against the truth, not just against "it ran".
 
 Files are written next to their final name and renamed, so a watcher never sees half a file.
-Events are generated and written in chunks: 10^7 events take seconds and ~100 MB of memory.
+Events are generated and written in chunks: 10^7 events take a few seconds and ~100 MB of working memory.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Message
 
 from runner.config import Settings
-from runner.kafka import _librdkafka_log, read_topic
+from runner.kafka import follow_topic, read_topic
 from runner.models import StatusEvent
 from runner.topics import REDUCTION_STATUS
 
@@ -66,21 +66,12 @@ class StatusView:
 
 
 def follow(settings: Settings, view: StatusView, stop: threading.Event,
-           on_change: Callable[[StatusEvent], None] | None = None) -> None:
+           on_change: Callable[[StatusEvent], None] | None = None, caught_up: threading.Event | None = None) -> None:
     """Fold the status topic from the beginning and keep following it until ``stop`` is set."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "nbreduce-status-follower",
-                         "enable.auto.commit": False, "logger": _librdkafka_log})
-    try:
-        partitions = consumer.list_topics(REDUCTION_STATUS, timeout=30).topics[REDUCTION_STATUS].partitions
-        consumer.assign([TopicPartition(REDUCTION_STATUS, p, OFFSET_BEGINNING) for p in partitions])
-        while not stop.is_set():
-            for msg in consumer.consume(10000, timeout=0.5):
-                if msg.error() is not None:
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        _librdkafka_log.warning("status follower: %s", msg.error())
-                    continue
-                changed = view.apply_raw(msg.value())
-                if changed is not None and on_change is not None:
-                    on_change(changed)
-    finally:
-        consumer.close()
+
+    def on_message(msg: Message) -> None:
+        changed = view.apply_raw(msg.value())
+        if changed is not None and on_change is not None:
+            on_change(changed)
+
+    follow_topic(settings, REDUCTION_STATUS, stop, on_message, caught_up)

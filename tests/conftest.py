@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("NBREDUCE_HOME", str(path))
     monkeypatch.delenv("NBREDUCE_BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.setenv("NBREDUCE_DATA_ROOTS", str(path / "data"))
+    # a private copy of the templates: tests may edit them, the repository's stay untouched
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(REPO / "notebooks", notebooks, ignore=shutil.ignore_patterns("sample_data", "conftest.py"))
+    monkeypatch.setenv("NBREDUCE_NOTEBOOKS", str(notebooks))
     return path
 
 

@@ -15,41 +15,21 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+from pipeline_support import running_platform
 
-from runner.broker import EmbeddedBroker
 from runner.config import Settings
 from runner.kafka import Publisher, read_topic
 from runner.models import DeadLetter, JobState, RunCompletion, StatusEvent
-from runner.runner import REDUCTION_STATUS, RUN_COMPLETIONS, Runner, job_id_for
+from runner.runner import REDUCTION_STATUS, RUN_COMPLETIONS, job_id_for
 from runner.submit import submit_request, wait_for_jobs
 from runner.topics import DEAD_LETTER
-
-FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    home = tmp_path_factory.mktemp("pipeline")
-    data = home / "data"
-    data.mkdir()
-    settings = Settings.from_env({
-        "NBREDUCE_HOME": str(home), "NBREDUCE_NOTEBOOKS": str(FIXTURES), "NBREDUCE_DATA_ROOTS": str(data),
-        "NBREDUCE_FILE_WAIT_SECONDS": "6", "NBREDUCE_MAX_PARALLEL": "3",
-    })
-    broker = EmbeddedBroker(settings)
-    broker.start(memory=True)
-    stop = threading.Event()
-    ready = threading.Event()
-    runner = Runner(settings)
-    thread = threading.Thread(target=runner.run, args=(stop, ready.set), daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    try:
+    with running_platform(tmp_path_factory.mktemp("pipeline"), NBREDUCE_FILE_WAIT_SECONDS="6",
+                          NBREDUCE_MAX_PARALLEL="3") as settings:
         yield settings
-    finally:
-        stop.set()
-        thread.join(60)
-        broker.stop()
 
 
 def data_file(settings: Settings, name: str, content: bytes = b"counts") -> Path:
@@ -83,7 +63,8 @@ def test_happy_path_request_to_read_only_archive(platform: Settings) -> None:
     assert final.parameters["scale"] == 2.5 and final.parameters["label"] == "from-toml"
     assert final.parameters["output_dir"] == str(version_dir)
     # scraps read with scrapbook; the kernel ran in the version folder
-    assert final.scraps == {"run": 1, "scale": 2.5, "label": "from-toml", "cwd": str(version_dir)}
+    assert {k: final.scraps[k] for k in ("run", "scale", "label", "cwd")} == {
+        "run": 1, "scale": 2.5, "label": "from-toml", "cwd": str(version_dir)}
     assert final.output_files == ["ECHO/RB1920001/1/v1/result.txt"]
     assert (version_dir / "result.txt").read_text() == "1 2.5"
     # read-only files and folder; record written
