@@ -281,21 +281,25 @@ def simulate(instrument, count, events, rb, no_publish) -> None:
 @click.option("--runs", "count", default=2, show_default=True, help="Runs per instrument.")
 @click.option("--events", default=None, type=int)
 @click.option("--no-hub", is_flag=True, help="Do not start JupyterHub and the portal.")
+@click.option("--hub-port", default=8000, show_default=True, help="Port of JupyterHub (free one picked if taken).")
 @click.option("--exit-when-done", is_flag=True, help="Stop once the simulated runs are reduced (for CI).")
-def demo(count, events, no_hub, exit_when_done) -> None:
+def demo(count, events, no_hub, hub_port, exit_when_done) -> None:
     """Start broker and runner, simulate runs on every instrument, show progress (Ctrl-C stops)."""
     from runner.demo import run_demo
 
     stop = threading.Event()
     _install_stop_signals(stop)
-    ok = run_demo(_settings(), count, events, hub=not no_hub, exit_when_done=exit_when_done, stop=stop)
+    ok = run_demo(_settings(), count, events, hub=None if no_hub else hub_port, exit_when_done=exit_when_done,
+                  stop=stop)
     sys.exit(0 if ok else 1)
 
 
 def _add_plugins() -> None:
     from runner.environments import env_commands
+    from runner.hub import hub_command
 
     main.add_command(env_commands, "env")
+    main.add_command(hub_command, "hub")
 
 
 _add_plugins()

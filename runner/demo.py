@@ -19,9 +19,9 @@ COLOURS = {"succeeded": "green", "failed": "red", "timed_out": "red", "rejected"
            "running": "cyan", "queued": "white"}
 
 
-def run_demo(settings: Settings, runs: int, events: int | None, hub: bool, exit_when_done: bool,
+def run_demo(settings: Settings, runs: int, events: int | None, hub: int | None, exit_when_done: bool,
              stop: threading.Event) -> bool:
-    """Returns True when every simulated run was reduced successfully."""
+    """Returns True when every simulated run was reduced successfully; ``hub`` is JupyterHub's port."""
     from runner.simulate import simulate
 
     cleanups: list[Callable[[], None]] = []
@@ -45,8 +45,8 @@ def run_demo(settings: Settings, runs: int, events: int | None, hub: bool, exit_
             return False
         click.echo(f"runner    {settings.max_parallel} reductions in parallel, archive {settings.archive}")
 
-        if hub:
-            cleanups.append(_start_hub(settings))
+        if hub is not None:
+            cleanups.append(_start_hub(settings, hub))
 
         registry = TemplateRegistry(settings.notebooks)
         expected: dict[str, str] = {}
@@ -97,21 +97,22 @@ def _show_progress(settings: Settings, expected: dict[str, str], exit_when_done:
     return ok
 
 
-def _start_hub(settings: Settings) -> Callable[[], None]:
-    """JupyterHub and the portal, when that part of the platform is installed."""
-    try:
-        from runner.hub import start_hub_process
-    except ImportError:
-        click.echo("hub       not available in this installation")
-        return lambda: None
-    process, url = start_hub_process(settings)
-    click.echo(f"hub       {url}  (users and passwords: docs/hub.md)")
+def _start_hub(settings: Settings, port: int) -> Callable[[], None]:
+    """JupyterHub with the portal; its log goes to $NBREDUCE_HOME/hub/hub.log."""
+    from runner.hub import free_port, hub_dir, start_hub, stop_hub
 
-    def stop_hub() -> None:
-        process.terminate()
-        try:
-            process.wait(20)
-        except Exception:
-            process.kill()
+    if not _port_free(port):
+        port = free_port()
+    log_file = hub_dir(settings) / "hub.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    process = start_hub(settings, port=port, log_file=log_file)
+    click.echo(f"hub       http://127.0.0.1:{port}/  (demo users and password: docs/hub.md; log {log_file})")
+    click.echo(f"portal    http://127.0.0.1:{port}/services/portal/")
+    return lambda: stop_hub(process)
 
-    return stop_hub
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
