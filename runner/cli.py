@@ -229,11 +229,11 @@ def watch(instruments, interval, start_from, max_backfill) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["runinfo", "legacy"]))
+@click.argument("kind", type=click.Choice(["runinfo", "legacy", "multirun"]))
 @click.option("--topic", "topics", multiple=True,
               help="runinfo: topics (default all <INST>_runInfo); legacy: the data_ready topic.")
-def bridge(kind, topics) -> None:
-    """Turn ISIS run start/stop (runinfo) or legacy data_ready messages into run completions."""
+def trigger(kind, topics) -> None:
+    """Run a trigger: ISIS run start/stop (runinfo), legacy data_ready (legacy) or multi-run jobs (multirun)."""
     from runner.triggers import run_bridge
 
     options: dict[str, Any] = {}
@@ -242,6 +242,43 @@ def bridge(kind, topics) -> None:
     stop = threading.Event()
     _install_stop_signals(stop)
     run_bridge(_settings(), kind, stop, **options)
+
+
+@main.group()
+def multirun() -> None:
+    """Multi-run jobs (sum, stitch): a template fired once a set of runs has completed."""
+
+
+@multirun.command("declare")
+@click.option("--instrument", "-i", required=True)
+@click.option("--name", required=True, help="Name of the job, unique per instrument.")
+@click.option("--runs", "runs_text", required=True, help="Runs: 100-105 or 100,102,107 (or both, comma-separated).")
+@click.option("--template", default="reduce", show_default=True, help="Template of the instrument that sums/stitches.")
+@click.option("--rb", default=None, help="Only completions of this experiment count.")
+@click.option("--param", "params", multiple=True, help="Parameter override NAME=VALUE (repeatable).")
+def multirun_declare(instrument, name, runs_text, template, rb, params) -> None:
+    """Declare a multi-run job; the multirun trigger fires it when all its runs have completed."""
+    import getpass
+
+    from pydantic import ValidationError
+
+    from runner.templates import MultiRunSpec
+    from runner.triggers.multirun import MultiRunDeclaration, declare
+
+    runs: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in runs_text.split(","))):
+            first, _, last = part.partition("-")
+            runs += list(range(int(first), int(last or first) + 1))
+        declaration = MultiRunDeclaration(
+            instrument=instrument, rb_number=rb, declared_by=getpass.getuser(),
+            spec=MultiRunSpec(name=name, template=template, runs=runs,
+                              parameters=dict(parse_param(p) for p in params)))
+        declaration.spec.run_numbers()
+    except (ValueError, ValidationError) as exc:
+        raise click.ClickException(f"invalid declaration: {exc}") from None
+    declare(_settings(), declaration)
+    click.echo(f"declared {declaration.key}: runs {runs[0]}..{runs[-1]} ({len(runs)}) -> template {template}")
 
 
 @main.command()

@@ -27,6 +27,8 @@ InstrumentName = Annotated[
 #: Experiment (RB) numbers: digits only (ISIS uses 7; calibration placeholders are reported by the runner).
 RBNumber = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[0-9]{1,12}$")]
 RunNumber = Annotated[int, Field(gt=0, lt=10**12)]
+#: A template of an instrument folder: ``notebooks/<INSTRUMENT>/<name>.ipynb`` (default ``reduce``).
+TemplateName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 
 
 def utcnow() -> datetime:
@@ -68,6 +70,8 @@ class RunCompletion(WireModel):
     started_by: int | str = 0
     #: Parameter overrides for the template (legacy ``standard_vars``/``advanced_vars`` are flattened).
     reduction_arguments: dict[str, Any] = Field(default_factory=dict)
+    #: Which template of the instrument runs (multi-run jobs name theirs, e.g. ``sum``); default ``reduce``.
+    template: TemplateName | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +180,7 @@ class StatusEvent(WireModel):
     run_number: int | list[int] | None = None
     rb_number: str | None = None
     run_title: str | None = None
+    template: str | None = None
     version: int | None = None
     requested_by: str | None = None
     rerun_of: str | None = None

@@ -51,7 +51,14 @@ from runner.parameterize import ParameterError, build_parameters
 from runner.provenance import runner_record
 from runner.state import StatusView
 from runner.templates import Template, TemplateError, TemplateRegistry
-from runner.topics import DEAD_LETTER, PARAMETER_DEFAULTS, REDUCTION_REQUESTS, REDUCTION_STATUS, RUN_COMPLETIONS
+from runner.topics import (
+    DEAD_LETTER,
+    PARAMETER_DEFAULTS,
+    REDUCTION_REQUESTS,
+    REDUCTION_STATUS,
+    REPLAY_HEADER,
+    RUN_COMPLETIONS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,16 @@ FALLBACK_KERNEL = "python3"
 _SAFE_INSTRUMENT = r"^[A-Z][A-Z0-9_]{0,31}$"
 
 
-def job_id_for(topic: str, partition: int, offset: int, message_id: str | None) -> str:
-    """Deterministic: the same request (or the same Kafka record, for legacy messages without an id) -> same job."""
-    source = f"{topic}/{message_id}" if message_id else f"{topic}/{partition}/{offset}"
+def job_id_for(topic: str, partition: int, offset: int, message_id: str | None, replay_of: str | None = None) -> str:
+    """Deterministic: the same request (or the same Kafka record, for legacy messages without an id) -> same job.
+
+    A replayed dead letter is a new job (the original one is final as ``rejected``), the same for every
+    redelivery of that replay.
+    """
+    if replay_of:
+        source = f"replay/{replay_of}"
+    else:
+        source = f"{topic}/{message_id}" if message_id else f"{topic}/{partition}/{offset}"
     return uuid.uuid5(JOB_NAMESPACE, source).hex
 
 
@@ -214,7 +228,9 @@ class Runner:
         topic, raw = msg.topic(), msg.value() or b""
         model = ReductionRequest if topic == REDUCTION_REQUESTS else RunCompletion
         message_id = _message_id(raw)
-        job_id = job_id_for(topic, msg.partition(), msg.offset(), message_id)
+        replay_of = next((v.decode(errors="replace") for k, v in (msg.headers() or []) if k == REPLAY_HEADER and v),
+                         None)
+        job_id = job_id_for(topic, msg.partition(), msg.offset(), message_id, replay_of)
         trigger = TriggerRef(topic=topic, partition=msg.partition(), offset=msg.offset(), message_id=message_id)
         try:
             request = model.model_validate_json(raw)
@@ -233,6 +249,7 @@ class Runner:
             "run_title": request.run_title,
             "requested_by": getattr(request, "requested_by", None) or _started_by(request.started_by),
             "rerun_of": getattr(request, "rerun_of", None),
+            "template": request.template,
             "data": request.data_files,
             "queued_at": job.queued_at,
         }
@@ -245,7 +262,7 @@ class Runner:
         request = job.request
         self._status(job, JobState.QUEUED)
         try:
-            template = self.registry.resolve(request.instrument)
+            template = self.registry.resolve(request.instrument, request.template)
         except TemplateError as exc:
             self._status(job, JobState.SKIPPED, reason=str(exc), finished_at=utcnow())
             return

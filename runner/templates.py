@@ -18,13 +18,34 @@ from typing import Any
 import papermill
 from pydantic import BaseModel, Field, ValidationError
 
-TEMPLATE_NAME = "reduce.ipynb"
+DEFAULT_TEMPLATE = "reduce"
+TEMPLATE_NAME = f"{DEFAULT_TEMPLATE}.ipynb"
 CONFIG_NAME = "instrument.toml"
 _INSTRUMENT_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
+_TEMPLATE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 
 class TemplateError(LookupError):
     """The instrument has no usable template; the message is the skip reason shown to users."""
+
+
+class MultiRunSpec(BaseModel):
+    """A multi-run job declared in ``instrument.toml``: fires once every listed run has completed."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    #: Template notebook of the instrument that receives ``run_numbers``/``data_files`` (e.g. ``sum``).
+    template: str = Field("reduce", pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    runs: list[int] = Field(default_factory=list)
+    #: Inclusive ``[first, last]``; combined with ``runs``.
+    range: tuple[int, int] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    def run_numbers(self) -> list[int]:
+        span = list(range(self.range[0], self.range[1] + 1)) if self.range else []
+        numbers = sorted(set(self.runs) | set(span))
+        if not numbers or numbers[0] <= 0:
+            raise ValueError(f"multi-run {self.name}: no valid runs")
+        return numbers
 
 
 class InstrumentConfig(BaseModel):
@@ -45,6 +66,8 @@ class InstrumentConfig(BaseModel):
     run_digits: int = Field(8, ge=1, le=12)
     #: Defaults injected on every run; they override the template's own defaults.
     parameters: dict[str, Any] = Field(default_factory=dict)
+    #: Multi-run jobs (sum, stitch) that fire when all their runs have completed.
+    multi_run: list[MultiRunSpec] = Field(default_factory=list)
 
     def data_file_name(self, run: int) -> str:
         return f"{self.file_prefix or self.name}{run:0{self.run_digits}d}.nxs"
@@ -54,6 +77,7 @@ class Template(BaseModel):
     """A resolved, enabled template ready to run."""
 
     instrument: str
+    name: str = "reduce"
     path: Path
     config: InstrumentConfig
     content_hash: str
@@ -103,12 +127,15 @@ class TemplateRegistry:
         except (tomllib.TOMLDecodeError, ValidationError, OSError) as exc:
             raise TemplateError(f"{config_path} is invalid: {exc}") from exc
 
-    def resolve(self, instrument: str) -> Template:
-        """The enabled template of ``instrument``, or :class:`TemplateError` with the skip reason."""
+    def resolve(self, instrument: str, name: str | None = None) -> Template:
+        """The enabled template ``name`` (default ``reduce``) of ``instrument``, or :class:`TemplateError`."""
         config = self.config(instrument)
-        path = self.root / instrument / TEMPLATE_NAME
+        name = name or DEFAULT_TEMPLATE
+        if not _TEMPLATE_RE.match(name):
+            raise TemplateError(f"invalid template name {name!r}")
+        path = self.root / instrument / f"{name}.ipynb"
         if not path.is_file():
-            raise TemplateError(f"no template for instrument {instrument} (expected {path})")
+            raise TemplateError(f"no template {name!r} for instrument {instrument} (expected {path})")
         if not config.enabled:
             raise TemplateError(f"instrument {instrument} is disabled in {CONFIG_NAME}")
-        return Template(instrument=instrument, path=path, config=config, content_hash=file_hash(path))
+        return Template(instrument=instrument, name=name, path=path, config=config, content_hash=file_hash(path))

@@ -21,6 +21,9 @@ DEAD_LETTER = "nbreduce.dead-letter"
 PARAMETER_DEFAULTS = "nbreduce.parameter-defaults"
 TRIGGER_STATE = "nbreduce.trigger-state"
 
+#: Kafka header on a re-injected dead letter (value: the dead letter's id); its job is a new job.
+REPLAY_HEADER = "nbreduce-replay-of"
+
 
 @dataclass(frozen=True)
 class TopicSpec:

@@ -25,7 +25,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("NBREDUCE_BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.setenv("NBREDUCE_DATA_ROOTS", str(path / "data"))
     # a private copy of the templates: tests may edit them, the repository's stay untouched
-    notebooks = tmp_path / "notebooks"
+    notebooks = tmp_path / "templates-copy"
     shutil.copytree(REPO / "notebooks", notebooks, ignore=shutil.ignore_patterns("sample_data", "conftest.py"))
     monkeypatch.setenv("NBREDUCE_NOTEBOOKS", str(notebooks))
     return path

@@ -61,8 +61,6 @@ def test_model_accepts_a_full_legacy_message() -> None:
     assert completion.reduction_arguments == {"ei": [30, 100], "sum_runs": True, "mask_file": "mask_24_1.xml"}
 
 
-@pytest.mark.xfail(strict=True, reason="runner/models.py: RunCompletion rejects null run_title/started_by/facility "
-                                       "(the bridge drops nulls itself; see the trigger report)")
 def test_model_accepts_nulls_as_legacy_writers_send_them() -> None:
     RunCompletion.model_validate_json(json.dumps(RUN_DETECTION))
 

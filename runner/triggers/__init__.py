@@ -1,7 +1,8 @@
 """Run-completion triggers: every external signal becomes a ``RunCompletion`` on ``nbreduce.run-completions``.
 
 Built in: ``runinfo`` (ISIS run control pl72/6s4t on Kafka), ``legacy`` (the autoreduction ``data_ready``
-message) and ``lastrun`` (polling ``lastrun.txt``). A facility plugs in its own source as a
+message), ``lastrun`` (polling ``lastrun.txt``) and ``multirun`` (sum/stitch jobs over declared runs).
+A facility plugs in its own source as a
 :class:`~runner.triggers.base.Trigger` subclass, named ``package.module:Class`` or registered under the
 ``nbreduce.triggers`` entry-point group, the way JupyterHub finds spawners.
 """
@@ -17,6 +18,7 @@ from runner.config import Settings
 from runner.triggers.base import Trigger, TriggerHealth, stop_on_signals, trigger_health
 from runner.triggers.lastrun import LastRunWatcher, watch
 from runner.triggers.legacy import LegacyDataReadyBridge
+from runner.triggers.multirun import MultiRunTrigger
 from runner.triggers.runinfo import RunInfoTrigger
 
 ENTRY_POINT_GROUP = "nbreduce.triggers"
@@ -24,6 +26,7 @@ TRIGGERS: dict[str, type[Trigger]] = {
     RunInfoTrigger.kind: RunInfoTrigger,
     LegacyDataReadyBridge.kind: LegacyDataReadyBridge,
     LastRunWatcher.kind: LastRunWatcher,
+    MultiRunTrigger.kind: MultiRunTrigger,
 }
 
 
@@ -60,6 +63,7 @@ __all__ = [
     "TRIGGERS",
     "LastRunWatcher",
     "LegacyDataReadyBridge",
+    "MultiRunTrigger",
     "RunInfoTrigger",
     "Trigger",
     "TriggerHealth",
