@@ -1,7 +1,9 @@
 """The parameters injected into a template for one run.
 
-Precedence, lowest first: the template's own defaults, ``instrument.toml`` defaults, defaults set by
-instrument scientists for the instrument / RB, the request's overrides; the run's identity (data
+Values are checked like the rerun form checks them (type, ``one of``, ``range``), whatever their
+source, because requests also arrive straight from Kafka. Precedence, lowest first: the template's
+own defaults, ``instrument.toml`` defaults, defaults set by instrument scientists for the instrument
+/ RB, the request's overrides; the run's identity (data
 files, run and RB numbers, output folder) is set by nbreduce and cannot be overridden. Only
 parameters the template declares are injected: papermill would merely warn about unknown names, so
 a typo in an override would silently do nothing — here it is an error the user sees.
@@ -13,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.models import RunCompletion
+from runner.paramspec import RUN_PARAMETERS, check_values, specs
 from runner.templates import Template
-
-#: Names nbreduce sets from the run itself when the template declares them.
-RUN_PARAMETERS = ("data_file", "data_files", "run_number", "run_numbers", "rb_number", "instrument", "run_title",
-                  "output_dir")
 
 
 class ParameterError(ValueError):
@@ -51,5 +50,9 @@ def build_parameters(template: Template, request: RunCompletion, rb_number: str,
     parameters: dict[str, Any] = {}
     for source in (template.config.parameters, defaults or {}, overrides):
         parameters.update({k: v for k, v in source.items() if k in declared})
+    # the same strict check as the rerun form: types, choices and ranges the template declares
+    _, errors = check_values(specs(declared), parameters)
+    if errors:
+        raise ParameterError("invalid parameter value(s): " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     parameters.update({k: v for k, v in identity.items() if k in declared})
     return parameters

@@ -186,3 +186,13 @@ def test_bad_messages_go_to_dead_letter_and_runner_survives(platform: Settings) 
     assert [e.state for e in events_of(platform, outside)][-1] is JobState.REJECTED
     # nothing was written outside the archive
     assert not (platform.archive.parent / "etc").exists()
+
+
+def test_override_of_the_wrong_type_is_rejected_by_the_runner(platform: Settings) -> None:
+    """Requests can bypass the portal's form (straight to Kafka): the runner checks types itself."""
+    path = data_file(platform, "ECHO-types.txt")
+    job = submit_request(platform, instrument="ECHO", run_number=12, data=str(path), rb_number="1920001",
+                         reduction_arguments={"scale": "__import__('os').system('id')"})
+    final = wait_for_jobs(platform, {job}, 60)[job]
+    assert final.state is JobState.REJECTED
+    assert "scale: expected float, got str" in (final.reason or "")

@@ -33,7 +33,7 @@ from runner.config import Settings
 from runner.defaults import ParameterDefaults, load_defaults
 from runner.kafka import Publisher
 from runner.models import JobState, ReductionRequest, StatusEvent
-from runner.portal.forms import ParamSpec, specs, validate_form
+from runner.paramspec import ParamSpec, specs, validate_form
 from runner.portal.index import Run, RunFilter, RunIndex
 from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
 from runner.state import StatusView, follow

@@ -1,4 +1,4 @@
-"""Typed parameter forms generated from a template's parameters cell.
+"""Typed template parameters: specs from papermill's inspection, strict checks, form parsing.
 
 papermill's inspection gives each parameter's name, annotation (``inferred_type_name``), default
 (source text) and help comment. From them :func:`specs` builds a :class:`ParamSpec` per parameter:
@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from runner.parameterize import RUN_PARAMETERS
+#: Names nbreduce sets from the run itself when the template declares them (never user-editable).
+RUN_PARAMETERS = ("data_file", "data_files", "run_number", "run_numbers", "rb_number", "instrument", "run_title",
+                  "output_dir")
 
 Kind = Literal["bool", "int", "float", "str", "list"]
 ItemKind = Literal["bool", "int", "float", "str"]
