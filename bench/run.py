@@ -20,6 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +36,18 @@ from runner.submit import request_job_id
 from runner.topics import REDUCTION_REQUESTS
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def runner_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """``nbreduce runner`` as its own process, as in production."""
+    process = subprocess.Popen([sys.executable, "-m", "runner.cli", "-v", "runner"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(120)
 
 
 def machine() -> str:
@@ -123,61 +137,73 @@ def main() -> None:
     papermill_cli = statistics.median(cli_times)
     rows.append(("papermill CLI, trivial template (median of 5, wall)", f"{papermill_cli:.2f} s"))
 
+    from runner.environments import build
+    from runner.simulate import simulate
+
+    t0 = time.perf_counter()
+    result = build(settings, ["scipp"])[0]
+    rows.append((f"`nbreduce env build scipp` ({result.status}, from uv's cache)", f"{time.perf_counter() - t0:.1f} s"))
+    scipp_runs = {inst: simulate(settings, inst, 1, publish=False)[0] for inst in ("WISH", "MARI")
+                  if (notebooks / inst).is_dir()}
+
     broker = EmbeddedBroker(settings)
     broker.start(memory=True)
-    runner = subprocess.Popen([sys.executable, "-m", "runner.cli", "runner"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=(work / "runner.log").open("w"))
-    tracker = Tracker(settings)
-    publisher = Publisher(settings)
     try:
-        # warm-up: group join and first run
-        job, _ = submit(publisher, instrument="TRIVIAL", run_number=1, data=str(trivial_file), rb_number="1")
-        tracker.wait({job}, 120)
-
-        latencies = []
-        for i in range(args.latency_runs):
-            job, t0 = submit(publisher, instrument="TRIVIAL", run_number=100 + i, data=str(trivial_file),
-                             rb_number="1")
-            t_end, event = tracker.wait({job})[job]
-            assert event.state.value == "succeeded", event.reason
-            latencies.append(t_end - t0)
-        p50 = statistics.median(latencies)
-        rows.append((f"end to end submit -> succeeded, trivial template, p50 of {args.latency_runs}", f"{p50:.2f} s"))
-        rows.append((f"end to end, p95 of {args.latency_runs}", f"{pct(latencies, 0.95):.2f} s"))
-        rows.append(("end-to-end overhead over papermill CLI (p50 - CLI)", f"{p50 - papermill_cli:+.2f} s "
-                     f"({p50 / papermill_cli:.2f}x the CLI time)"))
-
-        t0 = time.perf_counter()
-        jobs = {submit(publisher, instrument="TRIVIAL", run_number=1000 + i, data=str(trivial_file),
-                       rb_number="1")[0] for i in range(args.throughput_runs)}
-        done = tracker.wait(jobs, 1800)
-        elapsed = max(t for t, _ in done.values()) - t0
-        rows.append((f"throughput, {args.throughput_runs} trivial runs, 2 in parallel",
-                     f"{args.throughput_runs / elapsed * 60:.0f} runs/min"))
-        rss = psutil.Process(runner.pid).memory_info().rss / 2**20
-        rows.append(("runner resident memory after these runs (kernels excluded)", f"{rss:.0f} MB"))
-
-        from runner.simulate import simulate
-
-        for inst in ("WISH", "MARI"):
-            if not (notebooks / inst).is_dir():
-                continue
-            message = simulate(settings, inst, 1, publish=False)[0]
-            job, t0 = submit(publisher, instrument=inst, run_number=message.run_number, data=message.data,
-                             rb_number=message.rb_number)
-            t_end, event = tracker.wait({job}, 900)[job]
-            rows.append((f"{inst} scipp template end to end (cold kernel), default events",
-                         f"{t_end - t0:.1f} s ({event.state.value})"))
+        for mode, warm in (("cold", "0"), ("warm", "auto")):
+            with runner_process({**env, "NBREDUCE_WARM_KERNELS": warm}, work / f"runner-{mode}.log") as runner:
+                tracker = Tracker(settings)
+                publisher = Publisher(settings)
+                try:
+                    job, _ = submit(publisher, instrument="TRIVIAL", run_number=1, data=str(trivial_file),
+                                    rb_number="1")
+                    tracker.wait({job}, 300)  # group join, first run
+                    time.sleep(8 if warm != "0" else 0)  # let the pool fill
+                    latencies = []
+                    for i in range(args.latency_runs):
+                        job, t0 = submit(publisher, instrument="TRIVIAL", run_number=100 + i,
+                                         data=str(trivial_file), rb_number="1")
+                        t_end, event = tracker.wait({job})[job]
+                        assert event.state.value == "succeeded", event.reason
+                        latencies.append(t_end - t0)
+                        time.sleep(0.5 if warm != "0" else 0)  # one run at a time, as a run completion would come
+                    p50 = statistics.median(latencies)
+                    rows.append((f"{mode} kernels: submit -> succeeded, trivial template, p50 / p95 of "
+                                 f"{args.latency_runs}", f"{p50:.2f} s / {pct(latencies, 0.95):.2f} s "
+                                 f"({p50 / papermill_cli:.2f}x the papermill CLI)"))
+                    if warm != "0":
+                        t0 = time.perf_counter()
+                        jobs = {submit(publisher, instrument="TRIVIAL", run_number=1000 + i, data=str(trivial_file),
+                                       rb_number="1")[0] for i in range(args.throughput_runs)}
+                        done = tracker.wait(jobs, 1800)
+                        elapsed = max(t for t, _ in done.values()) - t0
+                        failed = sum(e.state.value != "succeeded" for _, e in done.values())
+                        rows.append((f"warm kernels: throughput, {args.throughput_runs} trivial runs submitted "
+                                     "at once, 2 in parallel", f"{args.throughput_runs / elapsed * 60:.0f} runs/min"
+                                     f"{f' ({failed} failed)' if failed else ''}"))
+                        rss = psutil.Process(runner.pid).memory_info().rss / 2**20
+                        rows.append(("runner resident memory after these runs (kernels excluded)", f"{rss:.0f} MB"))
+                    for inst, message in scipp_runs.items():
+                        if warm != "0":
+                            time.sleep(8)  # the pool refills after the trivial runs
+                        job, t0 = submit(publisher, instrument=inst, run_number=message.run_number,
+                                         data=message.data, rb_number=message.rb_number)
+                        t_end, event = tracker.wait({job}, 900)[job]
+                        rows.append((f"{mode} kernel: {inst} scipp template end to end (simulated run, "
+                                     f"{event.scraps.get('total_events', 'default')} events)",
+                                     f"{t_end - t0:.1f} s ({event.state.value})"))
+                finally:
+                    tracker.stop.set()
+                    publisher.close()
     finally:
-        tracker.stop.set()
-        runner.terminate()
-        runner.wait(60)
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     section = (f"## Core pipeline ({datetime.now(UTC):%Y-%m-%d})\n\nMachine: {machine()}.\n"
-               f"Broker: embedded Tansu (memory storage); runner as its own process; cold kernel per run.\n\n"
+               "Broker: embedded Tansu (memory storage); runner as its own process (2 reductions in parallel); "
+               "templates in the `scipp` environment (kernel `nbreduce-scipp`). *Warm*: kernels from the pool, "
+               "the environment's imports done, one kernel per run; *cold*: a new kernel per run "
+               "(`NBREDUCE_WARM_KERNELS=0`).\n\n"
                f"| measurement | result |\n|---|---|\n{table}\n")
     print(section)
     _write_section(args.output, "Core pipeline", section)

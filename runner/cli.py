@@ -42,6 +42,17 @@ def parse_param(text: str) -> tuple[str, Any]:
         return name.strip(), value
 
 
+def _show(items: list, as_json: bool, empty: str, line) -> None:
+    """Print models as a JSON list (``--json``) or one formatted line each."""
+    if as_json:
+        click.echo(json.dumps([i.model_dump(mode="json", exclude_none=True) for i in items], indent=2))
+        return
+    if not items:
+        click.echo(empty)
+    for item in items:
+        click.echo(line(item))
+
+
 class NbreduceGroup(click.Group):
     def invoke(self, ctx):
         try:
@@ -199,16 +210,12 @@ def dead_letters(as_json) -> None:
     from runner.models import DeadLetter
     from runner.topics import DEAD_LETTER
 
-    letters = [DeadLetter.from_bytes(m.value()) for m in read_topic(_settings(), DEAD_LETTER)]
-    if as_json:
-        click.echo(json.dumps([d.model_dump(mode="json") for d in letters], indent=2))
-        return
-    if not letters:
-        click.echo("no dead letters")
-    for d in letters:
+    def line(d: DeadLetter) -> str:
         preview = d.value[:80].decode(errors="replace").replace("\n", " ")
-        click.echo(f"{d.timestamp:%Y-%m-%d %H:%M:%S} {d.source_topic}[{d.partition}]@{d.offset}: {d.reason}\n"
-                   f"    {preview}")
+        return f"{d.timestamp:%Y-%m-%d %H:%M:%S} {d.source_topic}[{d.partition}]@{d.offset}: {d.reason}\n    {preview}"
+
+    _show([DeadLetter.from_bytes(m.value()) for m in read_topic(_settings(), DEAD_LETTER)], as_json,
+          "no dead letters", line)
 
 
 # -- triggers -----------------------------------------------------------------------------------
@@ -287,14 +294,8 @@ def triggers(as_json) -> None:
     """Health of the triggers: last heartbeat, last run seen, errors (a stalled watcher shows here)."""
     from runner.triggers import trigger_health
 
-    rows = trigger_health(_settings())
-    if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-        return
-    if not rows:
-        click.echo("no trigger has reported yet")
-    for r in rows:
-        click.echo(" ".join(f"{k}={v}" for k, v in r.model_dump(mode="json", exclude_none=True).items()))
+    _show(trigger_health(_settings()), as_json, "no trigger has reported yet",
+          lambda r: " ".join(f"{k}={v}" for k, v in r.model_dump(mode="json", exclude_none=True).items()))
 
 
 # -- simulation and demo ------------------------------------------------------------------------

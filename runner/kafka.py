@@ -27,6 +27,9 @@ GROUP_SETTINGS = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 1000,
 }
+#: A fetch waits at most this long for new data: a run completion or a status event should reach its
+#: consumer in tens of milliseconds, not after librdkafka's default 500 ms long-poll.
+LOW_LATENCY = {"fetch.wait.max.ms": 25}
 
 
 def admin(settings: Settings) -> AdminClient:
@@ -56,6 +59,7 @@ def group_consumer(settings: Settings, group: str, **extra: Any) -> Consumer:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             **GROUP_SETTINGS,
+            **LOW_LATENCY,
             "logger": _librdkafka_log,
             **extra,
         }
@@ -139,7 +143,8 @@ def follow_topic(settings: Settings, topic: str, stop: threading.Event, on_messa
     built from the messages is complete as of start-up.
     """
     consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "nbreduce-follower",
-                         "enable.auto.commit": False, "enable.partition.eof": True, "logger": _librdkafka_log})
+                         "enable.auto.commit": False, "enable.partition.eof": True, "logger": _librdkafka_log,
+                         **LOW_LATENCY})
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
         pending = set(partitions)
