@@ -16,12 +16,14 @@ staging folder: a job redelivered after a crash finds its version again instead 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from runner.models import StatusEvent
 
@@ -35,6 +37,10 @@ def run_label(runs: list[int]) -> str:
     return str(runs[0]) if len(runs) == 1 else f"{min(runs)}-{max(runs)}"
 
 
+class ReservationBusy(RuntimeError):
+    """Another runner holds this job right now (a rebalance handed its message to us as well)."""
+
+
 @dataclass(frozen=True)
 class Reservation:
     job_id: str
@@ -42,6 +48,8 @@ class Reservation:
     staging: Path
     final: Path
     notebook_name: str
+    #: open file holding an exclusive ``flock`` on the job for as long as the reservation lives
+    lock: IO[bytes] | None = None
 
     @property
     def staged_notebook(self) -> Path:
@@ -66,9 +74,7 @@ class Archive:
 
     def versions(self, instrument: str, rb_number: str, runs: list[int]) -> list[int]:
         run_dir = self.run_dir(instrument, rb_number, runs)
-        if not run_dir.is_dir():
-            return []
-        return sorted(int(p.name[1:]) for p in run_dir.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit())
+        return sorted(_version_numbers(run_dir)) if run_dir.is_dir() else []
 
     def staging_dir(self, job_id: str) -> Path:
         return self.root / STAGING / job_id
@@ -88,20 +94,33 @@ class Archive:
         return None
 
     def reserve(self, job_id: str, instrument: str, rb_number: str, runs: list[int]) -> Reservation:
-        """A version for ``job_id``: the one reserved before a crash, or the next free one."""
+        """A version for ``job_id``: the one reserved before a crash, or the next free one.
+
+        The job is locked (``flock``) while reserved: if a rebalance delivered the same message to two
+        runners, the second gets :class:`ReservationBusy` instead of clearing the first one's work.
+        """
         run_dir = self.run_dir(instrument, rb_number, runs)
         staging = self.staging_dir(job_id)
         marker = staging / _RESERVATION
         name = f"{instrument}_{run_label(runs)}.ipynb"
+        lock = _lock(self.root / STAGING / f"{job_id}.lock")
+        try:
+            return self._reserve(job_id, run_dir, staging, marker, name, lock)
+        except BaseException:
+            lock.close()
+            raise
+
+    def _reserve(self, job_id: str, run_dir: Path, staging: Path, marker: Path, name: str,
+                 lock: IO[bytes]) -> Reservation:
         if marker.is_file():
             version = json.loads(marker.read_text())["version"]
             final = run_dir / f"v{version}"
             if final.is_dir() and not (final / RECORD).exists():  # interrupted before publication: start over
                 _clear(staging, keep=marker)
                 _clear(final)
-                return Reservation(job_id, version, staging, final, name)
+                return Reservation(job_id, version, staging, final, name, lock)
         run_dir.mkdir(parents=True, exist_ok=True)
-        version = max(self.versions(instrument, rb_number, runs), default=0) + 1
+        version = max(_version_numbers(run_dir), default=0) + 1
         while True:
             try:
                 (run_dir / f"v{version}").mkdir()
@@ -112,7 +131,7 @@ class Archive:
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         marker.write_text(json.dumps({"version": version, "run_dir": str(run_dir)}))
-        return Reservation(job_id, version, staging, run_dir / f"v{version}", name)
+        return Reservation(job_id, version, staging, run_dir / f"v{version}", name, lock)
 
     def publish(self, reservation: Reservation, record: StatusEvent) -> Path:
         """Move the notebook in, write the record last (atomically), make the version read-only."""
@@ -122,14 +141,21 @@ class Archive:
         tmp.write_text(record.model_dump_json(indent=2, exclude_none=True))
         os.replace(tmp, reservation.final / RECORD)
         make_read_only(reservation.final)
-        shutil.rmtree(reservation.staging, ignore_errors=True)
+        self._unlock(reservation)
         return reservation.final
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation that will not be used (the job was rejected before it ran)."""
-        shutil.rmtree(reservation.staging, ignore_errors=True)
         with contextlib.suppress(OSError):
             reservation.final.rmdir()
+        self._unlock(reservation)
+
+    @staticmethod
+    def _unlock(reservation: Reservation) -> None:
+        shutil.rmtree(reservation.staging, ignore_errors=True)
+        if reservation.lock is not None:
+            Path(reservation.lock.name).unlink(missing_ok=True)
+            reservation.lock.close()
 
     def relative(self, path: Path) -> str:
         return str(Path(path).resolve().relative_to(self.root.resolve()))
@@ -146,6 +172,21 @@ def make_read_only(folder: Path, top: bool = True, children: bool = True) -> Non
                     path.chmod(path.stat().st_mode & ~write_bits)
     if top:
         folder.chmod(folder.stat().st_mode & ~write_bits)
+
+
+def _version_numbers(run_dir: Path) -> list[int]:
+    return [int(p.name[1:]) for p in run_dir.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
+
+
+def _lock(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "ab")  # noqa: SIM115 - held for the life of the reservation
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ReservationBusy(f"job {path.stem} is being run by another runner") from None
+    return handle
 
 
 def _clear(folder: Path, keep: Path | None = None) -> None:

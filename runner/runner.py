@@ -27,7 +27,7 @@ from typing import Any
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
-from runner.archive import RECORD, Archive
+from runner.archive import RECORD, Archive, ReservationBusy
 from runner.config import Settings
 from runner.datafiles import DataNotReady, DataPathError, check_data_paths, rb_from_nexus, wait_until_ready
 from runner.defaults import ParameterDefaults, fold_defaults, merged_defaults
@@ -219,6 +219,9 @@ class Runner:
             done.put((msg, True))
         except Interrupted:
             log.info("interrupted %s[%d]@%d: left for redelivery", msg.topic(), msg.partition(), msg.offset())
+        except ReservationBusy as exc:
+            log.info("%s; will look again", exc)
+            done.put((msg, False))
         except Exception:
             log.exception("could not process %s[%d]@%d; retrying", msg.topic(), msg.partition(), msg.offset())
             done.put((msg, False))

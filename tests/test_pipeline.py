@@ -196,3 +196,17 @@ def test_override_of_the_wrong_type_is_rejected_by_the_runner(platform: Settings
     final = wait_for_jobs(platform, {job}, 60)[job]
     assert final.state is JobState.REJECTED
     assert "scale: expected float, got str" in (final.reason or "")
+
+
+def test_a_job_reserved_by_another_runner_is_not_taken_over(tmp_path: Path) -> None:
+    """A rebalance can hand one message to two runners: the second must not clear the first one's work."""
+    from runner.archive import Archive, ReservationBusy
+
+    archive = Archive(tmp_path / "archive")
+    first = archive.reserve("job-1", "ECHO", "1920001", [1])
+    with pytest.raises(ReservationBusy):
+        archive.reserve("job-1", "ECHO", "1920001", [1])
+    archive.release(first)
+    again = archive.reserve("job-1", "ECHO", "1920001", [1])
+    assert again.version == 1
+    archive.release(again)
