@@ -36,7 +36,9 @@ test: setup browser lint
 	$(BIN)/pytest -p no:cacheprovider --nbval-lax notebooks/
 
 bench: setup
-	$(BIN)/python bench/run.py --output docs/benchmarks.md
+	$(BIN)/python -m bench.run --output docs/benchmarks.md
+	$(BIN)/python -m bench.bench_state --output docs/benchmarks.md
+	$(BIN)/python -m bench.bench_portal --output docs/benchmarks.md
 
 # Re-resolve the pinned lock after changing dependencies in pyproject.toml.
 lock:

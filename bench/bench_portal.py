@@ -4,7 +4,7 @@ Measures the whole request — HTTP, identity, access filter, query, HTML or JSO
 the real tornado app on loopback. Only the hub's identity lookup is replaced by a header (the hub's
 token check is cached by HubOAuth anyway). Prints a markdown table for docs/benchmarks.md.
 
-    .venv/bin/python bench/bench_portal.py [--runs 100000] [--requests 60]
+    .venv/bin/python -m bench.bench_portal [--runs 100000] [--requests 60]
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from pathlib import Path
 import requests
 from jupyterhub.services.auth import HubOAuth
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from bench.run import _write_section, machine
 from runner.access import Access, groups_for
 from runner.access import UserMembership as Member
 from runner.config import Settings
@@ -90,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=60, help="requests per scenario")
+    parser.add_argument("--output", type=Path, default=None, help="write the section into this markdown file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         portal = Portal(Settings.from_env({"NBREDUCE_HOME": home}))
@@ -121,14 +121,23 @@ def main() -> None:
                     times.append(elapsed)
             rows.append((label, times))
         stop.set()
-    print(f"Portal run list, {args.runs:,} runs in the state view, pages of 50, {args.requests} requests per row "
-          f"(index built in {load:.1f} s; query alone p95 {percentile(direct, 95):.1f} ms)\n")
-    print("| scenario | median ms | p95 ms | max ms | p95 <= 100 ms |")
-    print("| --- | ---: | ---: | ---: | :---: |")
+    lines = [
+        f"## Portal run list ({datetime.now(UTC):%Y-%m-%d})\n",
+        f"Machine: {machine()}.\n",
+        f"{args.runs:,} runs in the state view, pages of 50, {args.requests} requests per row, full HTTP request "
+        f"through the portal's tornado app (index built in {load:.1f} s; query alone p95 "
+        f"{percentile(direct, 95):.1f} ms).\n",
+        "| scenario | median ms | p95 ms | max ms | p95 <= 100 ms |",
+        "| --- | ---: | ---: | ---: | :---: |",
+    ]
     for label, times in rows:
         p95 = percentile(times, 95)
-        print(f"| {label} | {statistics.median(times):.1f} | {p95:.1f} | {max(times):.1f} | "
-              f"{'yes' if p95 <= 100 else 'NO'} |")
+        lines.append(f"| {label} | {statistics.median(times):.1f} | {p95:.1f} | {max(times):.1f} | "
+                     f"{'yes' if p95 <= 100 else 'NO'} |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.output:
+        _write_section(args.output, "Portal run list", section)
     if any(percentile(times, 95) > 100 for _, times in rows):
         sys.exit(1)
 

@@ -335,9 +335,13 @@ def demo(count, events, no_hub, hub_port, exit_when_done) -> None:
 def _add_plugins() -> None:
     from runner.environments import env_commands
     from runner.hub import hub_command
+    from runner.prune import prune_command
+    from runner.replay import replay_command
 
     main.add_command(env_commands, "env")
     main.add_command(hub_command, "hub")
+    main.add_command(prune_command, "prune")
+    main.add_command(replay_command, "replay")
 
 
 _add_plugins()

@@ -105,6 +105,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
             "enable.partition.eof": True,
             "fetch.max.bytes": 52428800,
             "logger": _librdkafka_log,
+            **LOW_LATENCY,
         }
     )
     try:
@@ -116,7 +117,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in pending])
         idle_deadline = time.monotonic() + timeout
         while pending:
-            messages = consumer.consume(batch, timeout=0.5)
+            messages = consumer.consume(batch, timeout=0.1)
             if not messages and time.monotonic() > idle_deadline:
                 reason = f"{topic}: partitions {sorted(pending)} did not reach their end in {timeout}s"
                 raise KafkaException(KafkaError(KafkaError._TIMED_OUT, reason))

@@ -1,9 +1,9 @@
 """``nbreduce replay``: re-inject dead letters once the cause is fixed (a template added, a data root set).
 
 The original bytes and key go back to the original nbreduce input topic with the header
-``nbreduce-replay-of: <dead letter id>``; the runner derives a new job id from the replay, because the
-original job is already final as ``rejected``. Each replay also carries ``nbreduce-replay-id`` (fresh per
-replay), so a redelivered replay stays one job while a deliberate ``--force`` replay becomes another.
+``nbreduce-replay-of: <dead letter id>`` (:data:`runner.topics.REPLAY_HEADER`); the runner derives a new
+job id from it, because the original job is already final as ``rejected``. Each replay also carries
+``nbreduce-replay-id`` (fresh per replay), so two deliberate replays of one letter can be told apart.
 
 A dead letter is replayed at most once: every replay is recorded in the trigger-state topic under
 ``replay:<dead letter id>`` after the broker acknowledged it, and recorded letters are skipped unless
@@ -16,21 +16,27 @@ import getpass
 import json
 import socket
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Literal
 
 import click
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, KafkaException, Message
 from pydantic import BaseModel, Field, ValidationError
 
 from runner.config import Settings
 from runner.kafka import Publisher, producer, read_topic
 from runner.models import DeadLetter, WireModel, new_id, utcnow
-from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, RUN_COMPLETIONS, TRIGGER_STATE
+from runner.topics import (
+    DEAD_LETTER,
+    REDUCTION_REQUESTS,
+    REPLAY_HEADER,
+    REPLAY_ID_HEADER,
+    RUN_COMPLETIONS,
+    TRIGGER_STATE,
+)
 from runner.triggers.base import read_state
 
-REPLAY_OF_HEADER = "nbreduce-replay-of"
-REPLAY_ID_HEADER = "nbreduce-replay-id"
 REPLAYABLE_TOPICS = (RUN_COMPLETIONS, REDUCTION_REQUESTS)
 STATE_PREFIX = "replay:"
 
@@ -114,7 +120,9 @@ def replay(settings: Settings, ids: Sequence[str] = (), reason: str | None = Non
     """
     if not (ids or reason or topic or all_letters):
         raise ReplayError("name dead letters with --id, --reason or --topic, or pass --all to replay every one")
-    letters = dead_letters(settings)
+    with ThreadPoolExecutor(2) as pool:  # two independent topic reads: each costs a broker round trip or more
+        letters_read, done_read = pool.submit(dead_letters, settings), pool.submit(replayed, settings)
+        letters, done = letters_read.result(), done_read.result()
     known = {letter.dead_letter_id for letter in letters}
     wanted = set(ids)
     selected = [letter for letter in letters
@@ -123,9 +131,8 @@ def replay(settings: Settings, ids: Sequence[str] = (), reason: str | None = Non
                 and (topic is None or letter.source_topic == topic)]
     results = [ReplayResult(dead_letter_id=i, status="not-found", detail=f"no dead letter with id {i} on {DEAD_LETTER}")
                for i in ids if i not in known]
-    done = replayed(settings)
     user = replayed_by or f"{getpass.getuser()}@{socket.gethostname()}"
-    pending: list[tuple[DeadLetter, ReplayResult, list[KafkaError | Message]]] = []
+    pending: list[tuple[DeadLetter, ReplayResult, str, list[KafkaError | Message]]] = []
     client = None
     for letter in selected:
         result = ReplayResult(dead_letter_id=letter.dead_letter_id, status="would-replay",
@@ -140,31 +147,33 @@ def replay(settings: Settings, ids: Sequence[str] = (), reason: str | None = Non
             result.detail = (f"already replayed {previous.replayed_at:%Y-%m-%d %H:%M:%S} UTC by {previous.replayed_by} "
                              f"to {previous.target_topic}[{previous.partition}]@{previous.offset}; --force to repeat")
         elif not dry_run:
-            client = client or producer(settings)
-            result.replay_id = new_id()
+            if client is None:  # not `or`: a Producer's truth value is its queue length
+                client = producer(settings)
+            result.replay_id = replay_id = new_id()
             delivered: list[KafkaError | Message] = []
             client.produce(letter.source_topic, value=letter.value, key=letter.key,
-                           headers=[(REPLAY_OF_HEADER, letter.dead_letter_id.encode()),
-                                    (REPLAY_ID_HEADER, result.replay_id.encode())],
+                           headers=[(REPLAY_HEADER, letter.dead_letter_id.encode()),
+                                    (REPLAY_ID_HEADER, replay_id.encode())],
                            on_delivery=lambda err, msg, out=delivered: out.append(msg if err is None else err))
-            pending.append((letter, result, delivered))
+            pending.append((letter, result, replay_id, delivered))
     if client is None:
         return results
     client.flush(timeout)
     publisher = Publisher(settings)
     try:
-        for letter, result, delivered in pending:
-            outcome = delivered[0] if delivered else None
+        for letter, result, replay_id, delivered in pending:
+            outcome = delivered[0] if delivered else f"no answer in {timeout:.0f}s"
             if not isinstance(outcome, Message):
-                result.status = "failed"
-                result.detail = f"not acknowledged by the broker: {outcome or f'no answer in {timeout:.0f}s'}"
+                result.status, result.detail = "failed", f"not acknowledged by the broker: {outcome}"
                 continue
-            result.status, result.partition, result.offset = "replayed", outcome.partition(), outcome.offset()
-            assert result.replay_id is not None and result.partition is not None and result.offset is not None
-            record = ReplayRecord(dead_letter_id=letter.dead_letter_id, replay_id=result.replay_id,
-                                  replayed_by=user, target_topic=letter.source_topic, partition=result.partition,
-                                  offset=result.offset, reason=letter.reason, forced=letter.dead_letter_id in done)
-            publisher.publish(TRIGGER_STATE, record, key=replay_key(letter.dead_letter_id))
+            record = ReplayRecord(dead_letter_id=letter.dead_letter_id, replay_id=replay_id, replayed_by=user,
+                                  target_topic=letter.source_topic, partition=outcome.partition(),
+                                  offset=outcome.offset(), reason=letter.reason, forced=letter.dead_letter_id in done)
+            result.status, result.partition, result.offset = "replayed", record.partition, record.offset
+            try:
+                publisher.publish(TRIGGER_STATE, record, key=replay_key(letter.dead_letter_id))
+            except KafkaException as exc:  # the replay itself is out: say so rather than hide it behind the error
+                result.detail = f"replayed but not recorded ({exc}): a second replay would send it again"
     finally:
         publisher.close()
     return results

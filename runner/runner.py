@@ -57,6 +57,7 @@ from runner.topics import (
     REDUCTION_REQUESTS,
     REDUCTION_STATUS,
     REPLAY_HEADER,
+    REPLAY_ID_HEADER,
     RUN_COMPLETIONS,
 )
 
@@ -67,14 +68,14 @@ FALLBACK_KERNEL = "python3"
 _SAFE_INSTRUMENT = r"^[A-Z][A-Z0-9_]{0,31}$"
 
 
-def job_id_for(topic: str, partition: int, offset: int, message_id: str | None, replay_of: str | None = None) -> str:
+def job_id_for(topic: str, partition: int, offset: int, message_id: str | None, replay: str | None = None) -> str:
     """Deterministic: the same request (or the same Kafka record, for legacy messages without an id) -> same job.
 
-    A replayed dead letter is a new job (the original one is final as ``rejected``), the same for every
-    redelivery of that replay.
+    A replayed dead letter (``replay``: its replay id) is a new job — the original one is final as
+    ``rejected`` — and the same job for every redelivery of that replay.
     """
-    if replay_of:
-        source = f"replay/{replay_of}"
+    if replay:
+        source = f"replay/{replay}"
     else:
         source = f"{topic}/{message_id}" if message_id else f"{topic}/{partition}/{offset}"
     return uuid.uuid5(JOB_NAMESPACE, source).hex
@@ -231,9 +232,9 @@ class Runner:
         topic, raw = msg.topic(), msg.value() or b""
         model = ReductionRequest if topic == REDUCTION_REQUESTS else RunCompletion
         message_id = _message_id(raw)
-        replay_of = next((v.decode(errors="replace") for k, v in (msg.headers() or []) if k == REPLAY_HEADER and v),
-                         None)
-        job_id = job_id_for(topic, msg.partition(), msg.offset(), message_id, replay_of)
+        headers = {k: v.decode(errors="replace") for k, v in (msg.headers() or []) if v}
+        replay = headers.get(REPLAY_ID_HEADER) or headers.get(REPLAY_HEADER)
+        job_id = job_id_for(topic, msg.partition(), msg.offset(), message_id, replay)
         trigger = TriggerRef(topic=topic, partition=msg.partition(), offset=msg.offset(), message_id=message_id)
         try:
             request = model.model_validate_json(raw)

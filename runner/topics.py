@@ -21,8 +21,10 @@ DEAD_LETTER = "nbreduce.dead-letter"
 PARAMETER_DEFAULTS = "nbreduce.parameter-defaults"
 TRIGGER_STATE = "nbreduce.trigger-state"
 
-#: Kafka header on a re-injected dead letter (value: the dead letter's id); its job is a new job.
+#: Kafka headers on a re-injected dead letter: the dead letter's id, and an id fresh for every replay.
+#: Each replay is a new job (the original is final as ``rejected``), the same one on redelivery.
 REPLAY_HEADER = "nbreduce-replay-of"
+REPLAY_ID_HEADER = "nbreduce-replay-id"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from runner.config import Settings
 from runner.kafka import Publisher, read_topic
 from runner.models import DeadLetter
-from runner.replay import REPLAY_ID_HEADER, REPLAY_OF_HEADER, ReplayError, replay, replay_command, replayed
-from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, RUN_COMPLETIONS
+from runner.replay import ReplayError, replay, replay_command, replayed
+from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, REPLAY_HEADER, REPLAY_ID_HEADER, RUN_COMPLETIONS
 
 pytestmark = pytest.mark.broker
 
@@ -37,7 +37,7 @@ def test_replayed_once_with_header_and_identical_bytes(broker: Settings) -> None
     [msg] = list(read_topic(broker, RUN_COMPLETIONS))
     assert msg.value() == ORIGINAL and msg.key() == b"MARI"
     headers = dict(msg.headers() or [])
-    assert headers[REPLAY_OF_HEADER] == letter.dead_letter_id.encode()
+    assert headers[REPLAY_HEADER] == letter.dead_letter_id.encode()
     assert headers[REPLAY_ID_HEADER] == result.replay_id.encode()
     assert (msg.partition(), msg.offset()) == (result.partition, result.offset)
     record = replayed(broker)[letter.dead_letter_id]
@@ -81,4 +81,4 @@ def test_refuses_foreign_topics_and_selects_carefully(broker: Settings) -> None:
     assert result["status"] == "replayed" and result["dead_letter_id"] == keyless.dead_letter_id
     [msg] = list(read_topic(broker, REDUCTION_REQUESTS))
     assert msg.key() is None and msg.value() == ORIGINAL
-    assert dict(msg.headers())[REPLAY_OF_HEADER] == keyless.dead_letter_id.encode()
+    assert dict(msg.headers())[REPLAY_HEADER] == keyless.dead_letter_id.encode()
