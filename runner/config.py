@@ -33,7 +33,9 @@ class Settings(BaseModel):
     runner_group: str = "nbreduce-runners"
     max_parallel: int = Field(2, ge=1)
     file_wait_seconds: float = Field(120.0, ge=0)
-    default_timeout_seconds: float = Field(3600.0, gt=0)
+    #: Processing environments this runner serves (None: all). Runners of other environments use
+    #: their own consumer group (``NBREDUCE_RUNNER_GROUP``), so each group sees every request once.
+    runner_environments: list[str] | None = None
     #: Warm kernels per kernel name, e.g. ``nbreduce-scipp=2,python3=1``; ``auto``: every enabled
     #: template's kernel, as many as run in parallel; ``0``: always cold-start.
     warm_kernels: str = "auto"
@@ -54,7 +56,8 @@ class Settings(BaseModel):
             runner_group=env.get("NBREDUCE_RUNNER_GROUP", "nbreduce-runners"),
             max_parallel=int(env.get("NBREDUCE_MAX_PARALLEL", "2")),
             file_wait_seconds=float(env.get("NBREDUCE_FILE_WAIT_SECONDS", "120")),
-            default_timeout_seconds=float(env.get("NBREDUCE_DEFAULT_TIMEOUT", "3600")),
+            runner_environments=[e.strip() for e in env["NBREDUCE_RUNNER_ENVIRONMENTS"].split(",") if e.strip()]
+            if env.get("NBREDUCE_RUNNER_ENVIRONMENTS") else None,
             warm_kernels=env.get("NBREDUCE_WARM_KERNELS", "auto"),
         )
 

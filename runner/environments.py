@@ -48,6 +48,8 @@ RECORD_NAME = "nbreduce-build.json"
 #: Installed distributions of a build (``uv pip freeze`` / ``conda env export``), kept for provenance.
 FREEZE_NAME = "installed-packages.txt"
 KERNEL_PREFIX = "nbreduce-"
+#: Entry point name of runner.provisioner.ForkProvisioner, named in the kernelspecs of uv builds.
+FORK_PROVISIONER = "nbreduce-fork"
 HASH_LEN = 12
 #: Conda front ends tried in this order; ``NBREDUCE_CONDA`` names one explicitly.
 CONDA_FRONTENDS = ("micromamba", "mamba", "conda")
@@ -248,7 +250,7 @@ def jupyter_env(settings: Settings, base: Mapping[str, str] | None = None) -> di
 
 def _kernel_json(env: Environment, build_dir: Path, exact: bool) -> dict:
     which = f"build {env.hash12}" if exact else f"current, {env.hash12}"
-    return {
+    spec = {
         "argv": [str(build_dir / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": f"nbreduce {env.name} ({which})",
         "language": "python",
@@ -261,6 +263,12 @@ def _kernel_json(env: Environment, build_dir: Path, exact: bool) -> dict:
             "debugger": False,
         },
     }
+    if env.kind == "uv":
+        # forked from a preloaded fork server when the runner's pool starts it (runner.provisioner); conda
+        # stacks (Mantid and its framework threads) are not known to be fork-safe and launch normally
+        spec["metadata"]["kernel_provisioner"] = {
+            "provisioner_name": FORK_PROVISIONER, "config": {"preload": list(env.config.preload)}}
+    return spec
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:

@@ -7,6 +7,7 @@ hangs for minutes on the embedded broker, so long reductions run off the polling
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,22 +29,33 @@ GROUP_SETTINGS = {
     "heartbeat.interval.ms": 1000,
 }
 #: A fetch waits at most this long for new data: a run completion or a status event should reach its
-#: consumer in tens of milliseconds, not after librdkafka's default 500 ms long-poll.
-LOW_LATENCY = {"fetch.wait.max.ms": 25}
+#: consumer quickly, not after librdkafka's default 500 ms long-poll. Not for whole-topic reads: Tansu on
+#: S3 storage answers a fetch whose wait is shorter than its storage read with no data, so a reader of
+#: old data never reached the end (measured with 25 ms).
+LOW_LATENCY = {"fetch.wait.max.ms": 100}
+
+
+def client_config(settings: Settings, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Connection settings of every client: bootstrap servers plus any librdkafka property given as
+    ``NBREDUCE_KAFKA_<PROPERTY>`` (``NBREDUCE_KAFKA_SECURITY_PROTOCOL=SASL_SSL`` -> ``security.protocol``),
+    which is how TLS and SASL are configured for a production broker."""
+    env = os.environ if env is None else env
+    extra = {k[len("NBREDUCE_KAFKA_"):].lower().replace("_", "."): v for k, v in env.items()
+             if k.startswith("NBREDUCE_KAFKA_") and len(k) > len("NBREDUCE_KAFKA_")}
+    return {"bootstrap.servers": settings.bootstrap(), "logger": _librdkafka_log, **extra}
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap(), "logger": _librdkafka_log})
+    return AdminClient(client_config(settings))
 
 
 def producer(settings: Settings, **extra: Any) -> Producer:
     return Producer(
         {
-            "bootstrap.servers": settings.bootstrap(),
+            **client_config(settings),
             "acks": "all",
             "linger.ms": 2,
             "message.timeout.ms": 30000,
-            "logger": _librdkafka_log,
             **extra,
         }
     )
@@ -53,14 +65,13 @@ def group_consumer(settings: Settings, group: str, **extra: Any) -> Consumer:
     """A consumer-group member that commits offsets explicitly, only after the work is published."""
     return Consumer(
         {
-            "bootstrap.servers": settings.bootstrap(),
+            **client_config(settings),
             "group.id": group,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             **GROUP_SETTINGS,
             **LOW_LATENCY,
-            "logger": _librdkafka_log,
             **extra,
         }
     )
@@ -99,13 +110,11 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
     """
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.bootstrap(),
+            **client_config(settings),
             "group.id": "nbreduce-reader",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "fetch.max.bytes": 52428800,
-            "logger": _librdkafka_log,
-            **LOW_LATENCY,
         }
     )
     try:
@@ -143,9 +152,8 @@ def follow_topic(settings: Settings, topic: str, stop: threading.Event, on_messa
     ``caught_up`` is set once every partition has reached its end at least once, i.e. when a view
     built from the messages is complete as of start-up.
     """
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap(), "group.id": "nbreduce-follower",
-                         "enable.auto.commit": False, "enable.partition.eof": True, "logger": _librdkafka_log,
-                         **LOW_LATENCY})
+    consumer = Consumer({**client_config(settings), "group.id": "nbreduce-follower", "enable.auto.commit": False,
+                         "enable.partition.eof": True, **LOW_LATENCY})
     try:
         partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
         pending = set(partitions)

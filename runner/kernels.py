@@ -9,6 +9,12 @@ is not pooled, :meth:`KernelPool.acquire` cold-starts one, so callers never wait
 Preload statements run in a throwaway namespace: modules end up in ``sys.modules`` (the slow part),
 but the notebook's namespace is the same as on a cold kernel, so a template that forgets an import
 fails in the pool exactly as it would without it.
+
+Kernels of nbreduce's uv environments are forked from a per-environment fork server
+(:mod:`runner.forkserver`, via the kernelspec's provisioner :mod:`runner.provisioner`) that did the
+preload once: a refill or a cold start then costs a fork and ipykernel's initialisation instead of an
+interpreter start plus the imports, and still yields a new process per run. Other kernels (the
+runner's ``python3``, conda environments) start normally and run the preload in the kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from traitlets import Type
 
 from runner.config import Settings
 from runner.environments import jupyter_env, kernel_spec_manager
+from runner.forkserver import ForkServers
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,15 @@ class PoolKernelManager(KernelManager):
         self._made_clients: list[Any] = []
         #: "warm" when it came out of the pool preloaded, "cold" when started for the request.
         self.origin = "cold"
+        #: Read by runner.provisioner.ForkProvisioner: where to fork from (None: normal launch) and
+        #: the preload of that fork server (None: the kernelspec's list).
+        self.fork_servers: ForkServers | None = None
+        self.preload: list[str] | None = None
+
+    @property
+    def forked(self) -> bool:
+        """Whether the kernel was forked from a fork server (its preload then happened there)."""
+        return bool(getattr(self.provisioner, "forked", False))
 
     def client(self, **kwargs: Any) -> Any:
         kc = super().client(**kwargs)
@@ -83,6 +99,8 @@ class PoolStats(BaseModel):
     warm_hits: int = 0
     cold_starts: int = 0
     kernels_started: int = 0
+    #: Kernel starts (warm or cold) served by a fork server instead of a new interpreter.
+    forked_starts: int = 0
     start_failures: int = 0
     discarded: int = 0
     released: int = 0
@@ -225,12 +243,14 @@ class KernelPool:
     ``preload`` maps kernel names to Python statements run in each warm kernel (see
     :func:`runner.environments.preload_by_kernel`). Refills start when a warm kernel is handed out,
     so the replacement is ready for the next run; at most ``max_parallel_starts`` start at once.
+    With ``fork_servers`` (default), kernels whose kernelspec names the fork provisioner are forked
+    from per-environment fork servers, started on first use and stopped with the pool.
     """
 
     def __init__(self, settings: Settings, sizes: Mapping[str, int] | None = None,
                  preload: Mapping[str, Sequence[str]] | None = None, *, start_timeout: float = 60.0,
                  max_parallel_starts: int = 1, retry_delays: Sequence[float] = (2, 5, 15, 60),
-                 spec_manager: KernelSpecManager | None = None):
+                 spec_manager: KernelSpecManager | None = None, fork_servers: bool = True):
         self.settings = settings
         self.sizes = {name: int(n) for name, n in (sizes or {}).items() if int(n) > 0}
         self.preload = {name: list(stmts) for name, stmts in (preload or {}).items()}
@@ -239,6 +259,7 @@ class KernelPool:
         self._ksm = spec_manager or kernel_spec_manager(settings)
         self._env = jupyter_env(settings)
         self._run_dir = settings.home / "run"
+        self._forks = ForkServers(cwd=self._run_dir, start_timeout=max(start_timeout, 120.0)) if fork_servers else None
         self._cond = threading.Condition()
         self._warm: dict[str, deque[PoolKernelManager]] = {name: deque() for name in self.sizes}
         self._starting: Counter[str] = Counter()
@@ -321,6 +342,8 @@ class KernelPool:
         for km in victims:
             shutdown(km)
         self._reaper.shutdown(wait=True)
+        if self._forks is not None:  # a server still forking for a handed-out kernel exits when that one ends
+            self._forks.close()
         with self._cond:
             loops, self._loops = self._loops, []
         for loop in loops:
@@ -375,8 +398,12 @@ class KernelPool:
         ip = self._run_dir / f"kernel-{uuid.uuid4().hex[:12]}"
         if len(str(ip)) <= _IPC_PATH_MAX:
             # IPC sockets: no TCP port races between kernels starting in parallel, no plain-TCP traffic
-            return PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm, transport="ipc", ip=str(ip))
-        return PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm)
+            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm, transport="ipc", ip=str(ip))
+        else:
+            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm)
+        km.fork_servers = self._forks
+        km.preload = self.preload.get(name)
+        return km
 
     def _launch(self, name: str, cwd: Path, timeout: float) -> PoolKernelManager:
         """Start a kernel in ``cwd`` and wait until it answers; nothing is left behind on failure."""
@@ -391,6 +418,8 @@ class KernelPool:
         except Exception as exc:
             shutdown(km)
             raise KernelStartError(f"kernel {name} did not start: {exc}") from exc
+        if km.forked:
+            self._count(forked_starts=1)
         return km
 
     def _refill(self, name: str) -> None:
@@ -409,7 +438,7 @@ class KernelPool:
         except Exception as exc:
             self._start_failed(name, exc)
             return
-        if self.preload.get(name):
+        if self.preload.get(name) and not km.forked:  # a fork server ran the preload before forking
             try:
                 _run_silently(km, preload_code(self.preload[name]), self.start_timeout)
             except Exception as exc:  # still a working kernel; it just saves less time

@@ -10,6 +10,7 @@ version.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -160,6 +161,7 @@ class Runner:
         consumer.subscribe([RUN_COMPLETIONS, REDUCTION_REQUESTS], on_assign=on_assign, on_revoke=on_revoke)
         executor = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="reduction")
         retry_at: list[tuple[float, Message]] = []
+        futures: set[Future] = set()
         if on_ready:
             on_ready()
         try:
@@ -168,7 +170,7 @@ class Runner:
                 now = time.monotonic()
                 for due in [r for r in retry_at if r[0] <= now]:
                     retry_at.remove(due)
-                    executor.submit(self._work, due[1], done)
+                    futures.add(executor.submit(self._work, due[1], done))
                 busy = tracker.in_flight() >= capacity
                 if busy != paused:
                     assignment = consumer.assignment()
@@ -180,10 +182,18 @@ class Runner:
                         log.warning("consumer: %s", msg.error())
                         continue
                     tracker.start(msg)
-                    executor.submit(self._work, msg, done)
+                    futures.add(executor.submit(self._work, msg, done))
+                futures = {f for f in futures if not f.done()}
         finally:
+            # Keep polling (all partitions paused) while running reductions finish: a member that stops
+            # polling is dropped from the group and its messages would be run again by another runner.
             log.info("runner stopping: waiting for %d running reductions", tracker.in_flight())
-            executor.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(Exception):
+                consumer.pause(consumer.assignment())
+            executor.shutdown(wait=False, cancel_futures=True)
+            while any(not f.done() for f in futures):  # cancelled or interrupted jobs are not waited for
+                consumer.consume(1, timeout=0.2)
+                self._drain(done, tracker, consumer, [])
             self._drain(done, tracker, consumer, [])
             consumer.close()
             self._publisher.close()
@@ -240,6 +250,9 @@ class Runner:
             request = model.model_validate_json(raw)
         except ValidationError as exc:
             self._reject(msg, job_id, trigger, f"invalid message: {_validation_reason(exc)}", _identity(raw))
+            return
+        if not self.serves(request):
+            log.debug("%s: %s runs in another environment's runner group", job_id[:8], request.instrument)
             return
         known = self.view.get(job_id)
         if known is not None and known.state.final:
@@ -335,6 +348,17 @@ class Runner:
         )
         self.archive.publish(reservation, record)
         self._publish_status(record)
+
+    def serves(self, request: RunCompletion) -> bool:
+        """Whether this runner's environments include the request's template (unknown instruments: yes,
+        so that they are reported as skipped)."""
+        if self.settings.runner_environments is None:
+            return True
+        try:
+            environment = self.registry.config(request.instrument).environment
+        except TemplateError:
+            return True
+        return environment in self.settings.runner_environments
 
     # -- kernels --------------------------------------------------------------------------------
     def kernel_for(self, template: Template, environment_hash: str | None = None) -> tuple[str | None, str | None]:

@@ -210,3 +210,27 @@ def test_a_job_reserved_by_another_runner_is_not_taken_over(tmp_path: Path) -> N
     again = archive.reserve("job-1", "ECHO", "1920001", [1])
     assert again.version == 1
     archive.release(again)
+
+
+def test_kafka_client_properties_from_the_environment(settings: Settings) -> None:
+    from runner.kafka import client_config
+
+    config = client_config(settings.model_copy(update={"bootstrap_servers": "broker:9093"}),
+                           {"NBREDUCE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "NBREDUCE_KAFKA_SASL_MECHANISM": "SCRAM",
+                            "OTHER": "x"})
+    assert config["bootstrap.servers"] == "broker:9093"
+    assert config["security.protocol"] == "SASL_SSL" and config["sasl.mechanism"] == "SCRAM"
+
+
+def test_runner_serves_only_its_environments(tmp_path: Path) -> None:
+    from pipeline_support import FIXTURE_NOTEBOOKS
+
+    from runner.runner import Runner
+
+    settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path), "NBREDUCE_NOTEBOOKS": str(FIXTURE_NOTEBOOKS),
+                                  "NBREDUCE_RUNNER_ENVIRONMENTS": "minimal"})
+    runner = Runner(settings)
+    request = {"run_number": 1, "data": "/x"}
+    assert runner.serves(RunCompletion(instrument="MINI", **request))  # environment minimal
+    assert not runner.serves(RunCompletion(instrument="ECHO", **request))  # runs in python3, another group
+    assert runner.serves(RunCompletion(instrument="NOSUCH", **request))  # reported as skipped

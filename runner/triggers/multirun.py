@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from pydantic import Field, ValidationError
 
 from runner.config import Settings
-from runner.kafka import _librdkafka_log
+from runner.kafka import client_config
 from runner.models import InstrumentName, RBNumber, RunCompletion, WireModel, utcnow
 from runner.templates import MultiRunSpec, TemplateError, TemplateRegistry
 from runner.topics import RUN_COMPLETIONS, TRIGGER_STATE
@@ -91,8 +91,8 @@ class MultiRunTrigger(Trigger):
             for spec in config.multi_run:
                 declaration = MultiRunDeclaration(instrument=instrument, spec=spec, declared_by=f"{instrument}.toml")
                 self.declarations[declaration.key] = declaration
-        self._consumer = Consumer({"bootstrap.servers": self.settings.bootstrap(), "group.id": "nbreduce-multirun",
-                                   "enable.auto.commit": False, "logger": _librdkafka_log})
+        self._consumer = Consumer({**client_config(self.settings), "group.id": "nbreduce-multirun",
+                                   "enable.auto.commit": False})
         partitions = []
         for topic in (RUN_COMPLETIONS, TRIGGER_STATE):
             metadata = self._consumer.list_topics(topic, timeout=30).topics[topic]
