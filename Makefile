@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/nbreduce demo
 
 lint: setup
-	$(BIN)/ruff check runner tests bench
+	$(BIN)/ruff check runner tests bench deploy
 
 test: setup browser lint
 	$(BIN)/pytest -p no:cacheprovider

@@ -1,0 +1,457 @@
+"""deploy/: every overlay renders with ``kubectl kustomize`` and keeps the properties the platform relies on.
+
+The rendered manifests are parsed and checked structurally: pods non-root and restricted, resources set,
+one image tag per release, only environment variables nbreduce (or JupyterHub's service library) really
+reads, selectors that match their pods, a runner grace period that covers the longest reduction, one
+processing environment per consumer group. The z2jh values file and its KubeSpawner hook are checked
+against the same manifests. Nothing here needs a cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from runner.access import ACCESS_ENV, Access
+from runner.templates import InstrumentConfig
+from runner.topics import TOPICS
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl not found: it renders deploy/ with its built-in kustomize (Debian: kubectl)")
+
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
+#: Secrets made by the JupyterHub chart, which is installed next to the manifests (deploy/jupyterhub).
+CHART_SECRETS = {"hub"}
+#: Oldest Kubernetes the manifests are written for (fsGroupChangePolicy, PDB policy/v1, ...).
+KUBERNETES_VERSION = "1.30"
+#: Seconds a runner needs after its longest reduction to publish the version and commit.
+PUBLISH_MARGIN = 60
+
+
+# -- rendering and walking the manifests ------------------------------------------------------------
+@functools.cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pod_template(workload: dict[str, Any]) -> dict[str, Any]:
+    spec = workload["spec"]
+    if workload["kind"] == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    return spec["template"]
+
+
+def workloads(docs: tuple[dict[str, Any], ...]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(``Kind/name``, workload, pod spec) of everything that runs pods."""
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            yield f"{doc['kind']}/{doc['metadata']['name']}", doc, pod_template(doc)["spec"]
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def is_nbreduce_image(image: str) -> bool:
+    return image.rsplit("/", 1)[-1].startswith("nbreduce-")
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """(repository, tag, digest) of an image reference."""
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+        return name, tag, digest or None
+    return name, None, digest or None
+
+
+def config_maps(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    return {name: cm.get("data", {}) for name, cm in objects(docs, "ConfigMap").items()}
+
+
+def container_env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) -> dict[str, str | None]:
+    """Environment of a container: envFrom ConfigMaps, then env (None for values from Secrets/fields)."""
+    maps = config_maps(docs)
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        env.update(maps[source["configMapRef"]["name"]])
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value")
+    return env
+
+
+def runners(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    return {name: d for name, d in objects(docs, "Deployment").items()
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "runner"}
+
+
+# -- what nbreduce reads ----------------------------------------------------------------------------
+@functools.cache
+def nbreduce_env_names() -> frozenset[str]:
+    """Every NBREDUCE_* name the code reads: literals in runner/ and hub_config/, and the retention overrides."""
+    names = set()
+    for path in [*(REPO / "runner").rglob("*.py"), *(REPO / "hub_config").glob("*.py")]:
+        names.update(n for n in re.findall(r"NBREDUCE_[A-Z0-9_]+", path.read_text()) if not n.endswith("_"))
+    return frozenset(names | {spec.env_override for spec in TOPICS})
+
+
+@functools.cache
+def jupyterhub_env_names() -> frozenset[str]:
+    """JUPYTERHUB_* names read by JupyterHub's own service library (the portal is a hub service)."""
+    spec = importlib.util.find_spec("jupyterhub")
+    assert spec is not None and spec.submodule_search_locations
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return frozenset(n for path in package.rglob("*.py")
+                     for n in re.findall(r"JUPYTERHUB_[A-Z_]+", path.read_text()) if not n.endswith("_"))
+
+
+def longest_instrument_timeout() -> float:
+    """The longest whole-run ``timeout`` of any template (InstrumentConfig's default where none is set)."""
+    timeouts = [InstrumentConfig.model_validate(tomllib.loads(path.read_text())).timeout
+                for path in (REPO / "notebooks").glob("*/instrument.toml")]
+    assert timeouts, "no notebooks/*/instrument.toml found"
+    return max(timeouts)
+
+
+# -- every overlay ----------------------------------------------------------------------------------
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_deploys_every_component(overlay: str) -> None:
+    docs = render(overlay)
+    deployments = objects(docs, "Deployment")
+    for name in ("nbreduce-runner-scipp", "nbreduce-runner-mantid", "nbreduce-watch", "nbreduce-bridge-runinfo",
+                 "nbreduce-bridge-legacy", "nbreduce-portal"):
+        assert name in deployments, f"{overlay}: Deployment {name} missing"
+    assert "nbreduce-topics" in objects(docs, "Job")
+    assert {"nbreduce-archive", "nbreduce-data"} <= set(objects(docs, "PersistentVolumeClaim"))
+    assert "nbreduce-portal" in objects(docs, "Service")
+    namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in ("Namespace", "PersistentVolume")}
+    assert len(namespaces) == 1 and None not in namespaces, f"{overlay}: one namespace for everything: {namespaces}"
+    args = {tuple(c.get("args", [])[:2]) for d in deployments.values() for c in pod_template(d)["spec"]["containers"]}
+    assert {("runner",), ("watch", "--interval"), ("bridge", "runinfo"), ("bridge", "legacy")} <= args
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifests_match_the_kubernetes_schemas(overlay: str) -> None:
+    """Strict: a misspelt field (which the API server would silently drop) fails here."""
+    validator = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra) not installed")
+    for doc in render(overlay):
+        try:
+            validator.validate(doc, KUBERNETES_VERSION, strict=True)
+        except validator.ValidationError as exc:
+            pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_non_root_restricted_and_sized(overlay: str) -> None:
+    docs = render(overlay)
+    accounts = objects(docs, "ServiceAccount")
+    for where, _, pod in workloads(docs):
+        security = pod.get("securityContext", {})
+        assert security.get("runAsNonRoot") is True, f"{where}: runAsNonRoot"
+        assert security.get("runAsUser", 0) != 0, f"{where}: explicit non-root runAsUser"
+        assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: seccomp"
+        assert pod.get("automountServiceAccountToken") is False, f"{where}: no API token"
+        account = pod.get("serviceAccountName")
+        assert account in accounts and accounts[account].get("automountServiceAccountToken") is False, where
+        for c in containers(pod):
+            name = f"{where} container {c['name']}"
+            context = c.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, name
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert not context.get("capabilities", {}).get("add"), name
+            assert context.get("privileged") is not True, name
+            if is_nbreduce_image(c["image"]):
+                assert context.get("readOnlyRootFilesystem") is True, name
+            resources = c.get("resources", {})
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(part, {})), f"{name}: {part} cpu and memory"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned_and_one_release(overlay: str) -> None:
+    docs = render(overlay)
+    tags = set()
+    for where, _, pod in workloads(docs):
+        for c in containers(pod):
+            repository, tag, digest = split_image(c["image"])
+            assert tag or digest, f"{where}: {c['image']} has neither tag nor digest"
+            assert tag != "latest", f"{where}: {c['image']} is not pinned"
+            if is_nbreduce_image(c["image"]):
+                assert repository.rsplit("/", 1)[-1] in ("nbreduce-runner-scipp", "nbreduce-runner-mantid"), c["image"]
+                tags.add(digest or tag)
+    assert len(tags) == 1, f"{overlay}: nbreduce images of one deployment must share one release tag, got {tags}"
+    # the runner images of one overlay come from one registry path
+    prefixes = {split_image(c["image"])[0].rsplit("/", 1)[0] if "/" in c["image"] else ""
+                for _, _, pod in workloads(docs) for c in containers(pod) if is_nbreduce_image(c["image"])}
+    assert len(prefixes) == 1, prefixes
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_environment_variables_are_ones_nbreduce_reads(overlay: str) -> None:
+    docs = render(overlay)
+    known, hub_known = nbreduce_env_names(), jupyterhub_env_names()
+    maps, secrets = config_maps(docs), set(objects(docs, "Secret")) | CHART_SECRETS
+    for where, _, pod in workloads(docs):
+        for c in containers(pod):
+            for source in c.get("envFrom", []):
+                assert source["configMapRef"]["name"] in maps, f"{where}: unknown ConfigMap {source}"
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                assert ref is None or ref["name"] in secrets, f"{where}: unknown Secret {ref}"
+            if not is_nbreduce_image(c["image"]):
+                continue
+            for name in container_env(docs, c):
+                if name.startswith("JUPYTERHUB_"):
+                    assert name in hub_known, f"{where}: JupyterHub reads no {name}"
+                else:
+                    assert name in known, f"{where}: nbreduce reads no {name} (names: {sorted(known)})"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_match_their_pods(overlay: str) -> None:
+    docs = render(overlay)
+    pod_labels = {}
+    for where, workload, _ in workloads(docs):
+        labels = pod_template(workload)["metadata"]["labels"]
+        pod_labels[where] = labels
+        if workload["kind"] in ("Deployment", "StatefulSet"):
+            selector = workload["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= labels.items(), f"{where}: selector {selector} vs template {labels}"
+    for kind in ("Service", "PodDisruptionBudget"):
+        for name, obj in objects(docs, kind).items():
+            spec = obj["spec"]
+            selector = spec["selector"] if kind == "Service" else spec["selector"]["matchLabels"]
+            matched = [w for w, labels in pod_labels.items() if selector.items() <= labels.items()]
+            assert matched, f"{kind}/{name}: selector {selector} matches no pod template"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_runner_shutdown_lets_reductions_finish_once(overlay: str) -> None:
+    """SIGTERM lets running reductions finish: the grace period must cover the longest one; runners of a
+    group are replaced all at once (Recreate), so no partition moves while their reductions finish."""
+    needed = longest_instrument_timeout() + PUBLISH_MARGIN
+    found = runners(render(overlay))
+    assert found
+    for name, deployment in found.items():
+        grace = pod_template(deployment)["spec"].get("terminationGracePeriodSeconds", 30)
+        assert grace >= needed, f"{name}: terminationGracePeriodSeconds {grace} < longest timeout + margin {needed}"
+        assert deployment["spec"]["strategy"]["type"] == "Recreate", name
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_processing_environment_per_consumer_group(overlay: str) -> None:
+    """Partitions are assigned by instrument, not environment: a group must not mix environment images,
+    or a run would execute in another environment's fallback kernel."""
+    docs = render(overlay)
+    environments = defaultdict(set)
+    for name, deployment in runners(docs).items():
+        if deployment["spec"].get("replicas", 1) == 0:
+            continue
+        container = pod_template(deployment)["spec"]["containers"][0]
+        env = container_env(docs, container)
+        group = env.get("NBREDUCE_RUNNER_GROUP") or "nbreduce-runners"
+        environments[group].add(deployment["metadata"]["labels"]["nbreduce.io/environment"])
+        assert env.get("NBREDUCE_RUNNER_ENVIRONMENTS") == deployment["metadata"]["labels"]["nbreduce.io/environment"]
+        assert container["image"].split("@")[0].rsplit(":", 1)[0].endswith(
+            "-" + deployment["metadata"]["labels"]["nbreduce.io/environment"]), f"{name}: image of another environment"
+    assert environments, f"{overlay}: no runner is scaled up"
+    for group, envs in environments.items():
+        assert len(envs) == 1, f"{overlay}: consumer group {group} mixes environments {envs}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_volumes_and_what_may_write_them(overlay: str) -> None:
+    docs = render(overlay)
+    for where, workload, pod in workloads(docs):
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        volumes |= {t["metadata"]["name"]: t for t in workload["spec"].get("volumeClaimTemplates", [])}
+        component = pod_template(workload)["metadata"]["labels"].get("app.kubernetes.io/component")
+        for c in containers(pod):
+            for mount in c.get("volumeMounts", []):
+                volume = volumes.get(mount["name"])
+                assert volume is not None, f"{where}: mount of undefined volume {mount['name']}"
+                claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+                writable = not mount.get("readOnly", False)
+                if claim == "nbreduce-data":  # the facility's data: only the dev simulator writes it
+                    assert not writable or component == "simulate", f"{where}: data archive mounted writable"
+                if claim == "nbreduce-archive" and writable:  # versions are published by runners only
+                    assert component == "runner", f"{where}: archive mounted writable"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_broker_configuration(overlay: str) -> None:
+    docs = render(overlay)
+    config = next(data for name, data in config_maps(docs).items() if name.startswith("nbreduce-config"))
+    assert config.get("NBREDUCE_BOOTSTRAP_SERVERS"), f"{overlay}: no broker configured"
+    if overlay == "production":
+        assert config["NBREDUCE_REPLICATION_FACTOR"] == "3"
+        assert not objects(docs, "StatefulSet"), "production uses the facility's Redpanda, not an in-cluster one"
+    if overlay == "dev":
+        broker = objects(docs, "StatefulSet")["nbreduce-redpanda"]
+        service = broker["spec"]["serviceName"]
+        assert config["NBREDUCE_BOOTSTRAP_SERVERS"].split(":")[0] in (service, f"{service}-0.{service}")
+
+
+@needs_kubectl
+def test_production_disruption_budgets_and_network_policies() -> None:
+    docs = render("production")
+    budgets = objects(docs, "PodDisruptionBudget")
+    for name, deployment in runners(docs).items():
+        labels = pod_template(deployment)["metadata"]["labels"]
+        assert any(b["spec"]["selector"]["matchLabels"].items() <= labels.items() for b in budgets.values()), name
+    policies = objects(docs, "NetworkPolicy")
+    deny = [p for p in policies.values()
+            if set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in p["spec"]
+            and "egress" not in p["spec"]]
+    assert deny, "a default-deny policy for nbreduce pods"
+    for where, workload, _ in workloads(docs):
+        labels = pod_template(workload)["metadata"]["labels"]
+        assert any(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in deny), where
+    # the only way in: the hub's proxy to the portal's port
+    ingress = [(name, rule) for name, p in policies.items() for rule in p["spec"].get("ingress", [])]
+    assert [name for name, _ in ingress] == ["nbreduce-portal"]
+    portal_port = objects(docs, "Deployment")["nbreduce-portal"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {p["port"] for _, rule in ingress for p in rule["ports"]} == {portal_port[0]["containerPort"]}
+
+
+# -- JupyterHub (zero-to-jupyterhub values) ---------------------------------------------------------
+@functools.cache
+def hub_values() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "jupyterhub" / "values.yaml").read_text())
+
+
+@needs_kubectl
+def test_hub_values_fit_the_manifests() -> None:
+    values, docs = hub_values(), render("production")
+    portal = objects(docs, "Service")["nbreduce-portal"]
+    port = portal["spec"]["ports"][0]["port"]
+    assert values["hub"]["services"]["portal"]["url"] == f"http://nbreduce-portal:{port}"
+    portal_env = container_env(docs, objects(docs, "Deployment")["nbreduce-portal"]["spec"]["template"]["spec"]
+                               ["containers"][0])
+    assert portal_env["JUPYTERHUB_SERVICE_NAME"] == "portal"
+    assert f"access:services!service={portal_env['JUPYTERHUB_SERVICE_NAME']}" in values["hub"]["loadRoles"]["user"][
+        "scopes"]
+    claims = set(objects(docs, "PersistentVolumeClaim"))
+    volumes = values["hub"]["extraVolumes"] + values["singleuser"]["storage"]["extraVolumes"]
+    for volume in volumes:
+        if "persistentVolumeClaim" in volume:
+            assert volume["persistentVolumeClaim"]["claimName"] in claims
+            assert volume["persistentVolumeClaim"]["readOnly"] is True, "JupyterHub only reads the archive"
+    runner = objects(docs, "Deployment")["nbreduce-runner-scipp"]["spec"]["template"]["spec"]
+    assert values["singleuser"]["uid"] == runner["securityContext"]["runAsUser"], "the image's user"
+    runner_env = container_env(docs, runner["containers"][0])
+    assert values["hub"]["extraEnv"]["NBREDUCE_ARCHIVE"] == runner_env["NBREDUCE_ARCHIVE"]
+    assert values["singleuser"]["extraEnv"]["NBREDUCE_DATA_ROOTS"] == runner_env["NBREDUCE_DATA_ROOTS"]
+    for name in [*values["hub"]["extraEnv"], *values["singleuser"]["extraEnv"]]:
+        assert name in nbreduce_env_names(), name
+
+
+def test_hub_values_wire_nbreduce() -> None:
+    values = hub_values()
+    hook_module = load_hook_module()
+    assert values["hub"]["config"]["JupyterHub"]["authenticator_class"] == "runner.hub.MembershipAuthenticator"
+    extra = "\n".join(values["hub"]["extraConfig"].values())
+    assert "c.KubeSpawner.pre_spawn_hook = nbreduce_kubespawner.pre_spawn_hook" in extra
+    assert callable(hook_module.pre_spawn_hook)
+    archive_volumes = [v["name"] for v in values["singleuser"]["storage"]["extraVolumes"]
+                       if v.get("persistentVolumeClaim", {}).get("claimName") == "nbreduce-archive"]
+    assert archive_volumes == [hook_module.ARCHIVE_VOLUME]
+    assert "--ServerApp.contents_manager_class=runner.hub.ReductionsContentsManager" in values["singleuser"]["cmd"]
+
+
+# -- the KubeSpawner hook (deploy/jupyterhub/nbreduce_kubespawner.py) ------------------------------
+@functools.cache
+def load_hook_module():
+    spec = importlib.util.spec_from_file_location("nbreduce_kubespawner",
+                                                  DEPLOY / "jupyterhub" / "nbreduce_kubespawner.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("nbreduce_kubespawner", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    for folder in ("MARI/RB1920001/25581/v1", "WISH/RB1920002/38237/v1", "WISH/RB1920001/38238/v1",
+                   "MARI/RB1111111/1/v1", ".staging/job"):
+        (root / folder).mkdir(parents=True)
+    return root
+
+
+def test_users_see_only_their_experiments_and_instruments(archive: Path) -> None:
+    hook = load_hook_module()
+    member = Access(rbs=frozenset({"1920001", "9999999"}))  # 9999999 has no reductions yet: no mount
+    assert hook.visible_folders(member, archive) == ["MARI/RB1920001", "WISH/RB1920001"]
+    scientist = Access(instruments=frozenset({"MARI"}), rbs=frozenset({"1920001"}))
+    assert hook.visible_folders(scientist, archive) == ["MARI", "WISH/RB1920001"]
+    assert hook.visible_folders(Access(admin=True), archive) is None
+    assert hook.visible_folders(Access(), archive) == []
+    hostile = Access(rbs=frozenset({"*", "../x"}), instruments=frozenset({"..", "MARI/../WISH"}))
+    assert hook.visible_folders(hostile, archive) == []
+    mounts = hook.archive_mounts(member, archive)
+    assert mounts == [{"name": hook.ARCHIVE_VOLUME, "mountPath": str(archive / f), "subPath": f, "readOnly": True}
+                      for f in ("MARI/RB1920001", "WISH/RB1920001")]
+    assert hook.archive_mounts(Access(admin=True), archive) == [
+        {"name": hook.ARCHIVE_VOLUME, "mountPath": str(archive), "readOnly": True}]
+
+
+def test_a_new_spawn_replaces_the_previous_archive_mounts(archive: Path) -> None:
+    hook = load_hook_module()
+    home = {"name": "home", "mountPath": "/home/nbreduce"}
+    old = {"name": hook.ARCHIVE_VOLUME, "mountPath": "/archive/WISH", "subPath": "WISH", "readOnly": True}
+    new = hook.archive_mounts(Access(rbs=frozenset({"1920002"})), archive)
+    assert hook.replace_mounts([home, old], new) == [home, *new]
+    replaced = hook.replace_mounts({"00-home": home, "x": old}, new)
+    assert replaced == {"00-home": home, f"{hook.ARCHIVE_VOLUME}-0": new[0]}
+
+
+def test_pre_spawn_hook_gives_access_kernels_and_mounts(archive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = load_hook_module()
+    monkeypatch.setenv("NBREDUCE_HOME", "/opt/nbreduce")
+    monkeypatch.setenv("NBREDUCE_ARCHIVE", str(archive))
+    user = SimpleNamespace(name="alice", admin=False, groups=[SimpleNamespace(name="rb-1920001")])
+    log = SimpleNamespace(info=lambda *args: None)
+    spawner = SimpleNamespace(user=user, environment={}, volume_mounts=[{"name": "home", "mountPath": "/h"}], log=log)
+    hook.pre_spawn_hook(spawner)
+    assert Access.from_env(spawner.environment[ACCESS_ENV]).rbs == {"1920001"}
+    assert spawner.environment["NBREDUCE_ARCHIVE"] == str(archive)
+    assert spawner.environment["JUPYTER_PATH"].split(":")[0] == "/opt/nbreduce/jupyter"
+    assert [m.get("subPath") for m in spawner.volume_mounts] == [None, "MARI/RB1920001", "WISH/RB1920001"]
+    assert all(m["readOnly"] for m in spawner.volume_mounts[1:])
