@@ -8,6 +8,7 @@ machine gets the same platform with one command. State (ports, pids) lives in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -146,7 +147,8 @@ class EmbeddedBroker:
                 env,
             )
             bootstrap = f"127.0.0.1:{kafka_port}"
-            admin = AdminClient({"bootstrap.servers": bootstrap})
+            # librdkafka's "connection refused" while Tansu starts goes to logging, not the terminal
+            admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("nbreduce.librdkafka")})
             self._wait(lambda: _port_open(kafka_port) and bool(admin.list_topics(timeout=2)), timeout, "Tansu broker")
             ensure_topics(admin)
         except Exception:
