@@ -39,6 +39,8 @@ class Settings(BaseModel):
     #: Warm kernels per kernel name, e.g. ``nbreduce-scipp=2,python3=1``; ``auto``: every enabled
     #: template's kernel, as many as run in parallel; ``0``: always cold-start.
     warm_kernels: str = "auto"
+    #: Start kernels of uv environments by forking a per-environment server that did the preload once.
+    fork_servers: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -59,6 +61,7 @@ class Settings(BaseModel):
             runner_environments=[e.strip() for e in env["NBREDUCE_RUNNER_ENVIRONMENTS"].split(",") if e.strip()]
             if env.get("NBREDUCE_RUNNER_ENVIRONMENTS") else None,
             warm_kernels=env.get("NBREDUCE_WARM_KERNELS", "auto"),
+            fork_servers=env.get("NBREDUCE_FORK_SERVERS", "1").lower() not in ("0", "false", "no", "off"),
         )
 
     @property

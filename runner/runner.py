@@ -136,7 +136,7 @@ class Runner:
         pool = None
         if self.kernels is None:
             sizes, preload = self.warm_plan()
-            pool = KernelPool(self.settings, sizes, preload).start()
+            pool = KernelPool(self.settings, sizes, preload, fork_servers=self.settings.fork_servers).start()
             self.kernels = pool
             log.info("warm kernels: %s", sizes or "none (cold start per run)")
         log.info("runner %s: %d jobs known from %s", self.identity, len(self.view.jobs), REDUCTION_STATUS)
