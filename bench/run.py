@@ -180,8 +180,9 @@ def main() -> None:
                         rows.append((f"warm kernels: throughput, {args.throughput_runs} trivial runs submitted "
                                      "at once, 2 in parallel", f"{args.throughput_runs / elapsed * 60:.0f} runs/min"
                                      f"{f' ({failed} failed)' if failed else ''}"))
-                        rss = psutil.Process(runner.pid).memory_info().rss / 2**20
-                        rows.append(("runner resident memory after these runs (kernels excluded)", f"{rss:.0f} MB"))
+                        memory = psutil.Process(runner.pid).memory_full_info()
+                        rows.append(("runner memory after these runs (kernels excluded): resident / unique",
+                                     f"{memory.rss / 2**20:.0f} MB / {memory.uss / 2**20:.0f} MB"))
                     for inst, message in scipp_runs.items():
                         if warm != "0":
                             time.sleep(8)  # the pool refills after the trivial runs

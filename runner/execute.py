@@ -21,7 +21,7 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
 from runner.engines import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
-from runner.inspection import error_from_notebook
+from runner.inspection import error_from_notebook, scraps_from_kernel, scraps_summary
 from runner.models import ErrorInfo, JobState, utcnow
 from runner.provenance import kernel_record
 
@@ -40,6 +40,7 @@ class Execution:
     kernel_info: dict[str, Any] = field(default_factory=dict)
     error: ErrorInfo | None = None
     reason: str | None = None
+    scraps: dict[str, Any] = field(default_factory=dict)
 
 
 def execute(
@@ -96,9 +97,17 @@ def execute(
     except Exception as exc:  # kernel failed to start, notebook unreadable, ...
         state, reason = JobState.FAILED, f"execution failed: {type(exc).__name__}: {exc}"
         error = ErrorInfo(ename=type(exc).__name__, evalue=str(exc))
+    scraps: dict[str, Any] | None = None
+    try:
+        if output_path.exists() and not timed_out.is_set():
+            scraps = scraps_from_kernel(km, output_path)
+    except Exception as exc:  # dead kernel, or an environment that cannot read them: read them here
+        log.info("scraps not read in the kernel (%s); reading them in the runner", exc)
     finally:
         watchdog.cancel()
         kernels.release(km)
+    if scraps is None:
+        scraps = scraps_summary(output_path) if output_path.exists() else {}
     finished = utcnow()
     started_at = started.isoformat()
     _finalise_notebook(output_path, kernel_name, kernel_info.get("display_name"), state, reason,
@@ -106,7 +115,7 @@ def execute(
                         "finished_at": finished.isoformat()})
     if state is JobState.FAILED and error is not None and error.cell_index is None and output_path.exists():
         error = error_from_notebook(nbformat.read(output_path, as_version=4)) or error
-    return Execution(state, started, finished, kernel_name, kernel_info, error, reason)
+    return Execution(state, started, finished, kernel_name, kernel_info, error, reason, scraps)
 
 
 def _finalise_notebook(path: Path, kernel_name: str, display_name: str | None, state: JobState,

@@ -6,6 +6,7 @@ Scraps are read with scrapbook (papermill's companion), whose mimetype
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 from pathlib import Path
@@ -38,8 +39,39 @@ def error_from_notebook(nb: NotebookNode) -> ErrorInfo | None:
     return None
 
 
+#: Runs in the finished run's kernel, whose environment has scrapbook when the template glues: the
+#: runner then needs neither scrapbook nor pandas in its own memory.
+_KERNEL_SCRAPS = """
+def _nbreduce_scraps(path):
+    import ast
+import json
+    try:
+        import scrapbook
+    except ImportError:  # an environment without scrapbook has glued nothing
+        return "{}"
+    found = {}
+    for name, scrap in scrapbook.read_notebook(path).scraps.items():
+        try:
+            text = json.dumps(scrap.data)
+        except (TypeError, ValueError):
+            text = None
+        found[name] = {"encoder": scrap.encoder, "type": type(scrap.data).__name__, "json": text,
+                       "repr": None if text is not None else repr(scrap.data)[:200]}
+    return json.dumps(found)
+"""
+
+
+def scraps_from_kernel(km, notebook: Path, timeout: float = 30) -> dict[str, Any]:
+    """Scraps of ``notebook`` read with scrapbook inside the (still running) kernel that produced it."""
+    from runner.kernels import evaluate_silently
+
+    raw = evaluate_silently(km, _KERNEL_SCRAPS, f"_nbreduce_scraps({str(notebook)!r})", timeout)
+    found = json.loads(ast.literal_eval(raw))
+    return {name: _summary(info["type"], info["encoder"], info["json"], info["repr"]) for name, info in found.items()}
+
+
 def scraps_summary(notebook: Path) -> dict[str, Any]:
-    """Scraps glued by the notebook, as JSON-safe values small enough for a status event."""
+    """Scraps glued by the notebook, read with scrapbook here (when its kernel is gone)."""
     import scrapbook
 
     try:
@@ -49,17 +81,22 @@ def scraps_summary(notebook: Path) -> dict[str, Any]:
         return {}
     summary: dict[str, Any] = {}
     for name, scrap in scraps.items():
-        value = scrap.data
         try:
-            encoded = json.dumps(value)
+            encoded: str | None = json.dumps(scrap.data)
         except (TypeError, ValueError):
-            summary[name] = {"type": type(value).__name__, "encoder": scrap.encoder, "summary": repr(value)[:200]}
-            continue
-        if len(encoded) > MAX_SCRAP_BYTES:
-            summary[name] = {"type": type(value).__name__, "encoder": scrap.encoder, "summary": encoded[:200] + "…"}
-        else:
-            summary[name] = value
+            encoded = None
+        summary[name] = _summary(type(scrap.data).__name__, scrap.encoder, encoded,
+                                 None if encoded is not None else repr(scrap.data)[:200])
     return summary
+
+
+def _summary(type_name: str, encoder: str, encoded: str | None, text: str | None) -> Any:
+    """A scrap as a JSON-safe value small enough for a status event."""
+    if encoded is None:
+        return {"type": type_name, "encoder": encoder, "summary": text}
+    if len(encoded) > MAX_SCRAP_BYTES:
+        return {"type": type_name, "encoder": encoder, "summary": encoded[:200] + "…"}
+    return json.loads(encoded)
 
 
 def output_files(folder: Path, exclude: set[str]) -> list[Path]:

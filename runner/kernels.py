@@ -183,7 +183,8 @@ def kernel_provenance(km: KernelManager) -> dict[str, str | None]:
 # --------------------------------------------------------------------------- starting and stopping
 
 
-def _shell_request(km: KernelManager, code: str | None, timeout: float) -> dict[str, Any]:
+def _shell_request(km: KernelManager, code: str | None, timeout: float,
+                   user_expressions: dict[str, str] | None = None) -> dict[str, Any]:
     """One request on the shell channel, ``kernel_info`` when ``code`` is None; returns the reply content.
 
     Only the shell channel is connected: a fresh iopub subscription takes ~0.2 s to start receiving
@@ -194,7 +195,8 @@ def _shell_request(km: KernelManager, code: str | None, timeout: float) -> dict[
     deadline = time.monotonic() + timeout
     try:
         msg_id = kc.kernel_info() if code is None else kc.execute(code, silent=True, store_history=False,
-                                                                    allow_stdin=False)
+                                                                    allow_stdin=False,
+                                                                    user_expressions=user_expressions or {})
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 msg = kc.get_shell_msg(timeout=min(1.0, remaining))
@@ -214,6 +216,16 @@ def _run_silently(km: KernelManager, code: str, timeout: float) -> None:
     content = _shell_request(km, code, timeout)
     if content.get("status") != "ok":
         raise RuntimeError(f"{content.get('ename', 'error')}: {content.get('evalue', '')}")
+
+
+def evaluate_silently(km: KernelManager, code: str, expression: str, timeout: float) -> str:
+    """Run ``code`` silently, then return ``expression``'s plain-text value (its ``repr``)."""
+    content = _shell_request(km, code, timeout, {"value": expression})
+    value = content.get("user_expressions", {}).get("value", {})
+    if content.get("status") != "ok" or value.get("status") != "ok":
+        failed = value if value.get("status") == "error" else content
+        raise RuntimeError(f"{failed.get('ename', 'error')}: {failed.get('evalue', '')}")
+    return value["data"]["text/plain"]
 
 
 def preload_code(statements: Sequence[str]) -> str:
