@@ -43,8 +43,7 @@ def error_from_notebook(nb: NotebookNode) -> ErrorInfo | None:
 #: runner then needs neither scrapbook nor pandas in its own memory.
 _KERNEL_SCRAPS = """
 def _nbreduce_scraps(path):
-    import ast
-import json
+    import json
     try:
         import scrapbook
     except ImportError:  # an environment without scrapbook has glued nothing

@@ -30,7 +30,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 from runner import environments as envs
 from runner.config import Settings
 from runner.forkserver import ForkServerError, ForkServers
-from runner.kernels import KernelPool, kernel_alive, kernel_exit_code, shutdown
+from runner.kernels import KernelPool, evaluate_silently, kernel_alive, kernel_exit_code, shutdown
 from runner.provisioner import PROVISIONER_NAME, ForkProvisioner, kernel_arguments
 
 READY = 120  # generous upper bounds on waits, never asserted as timings
@@ -56,18 +56,7 @@ def pool(built: Settings) -> Iterator[KernelPool]:
 
 def evaluate(km: KernelManager, expression: str) -> object:
     """``expression`` evaluated in the kernel (JSON round trip), leaving no history or variables."""
-    kc = km.blocking_client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=READY)
-        reply = kc.execute_interactive("", silent=True, store_history=False, timeout=READY,
-                                       user_expressions={"r": f"__import__('json').dumps({expression})"},
-                                       output_hook=lambda _msg: None)
-    finally:
-        kc.stop_channels()
-    result = reply["content"]["user_expressions"]["r"]
-    assert result["status"] == "ok", result
-    return json.loads(ast.literal_eval(result["data"]["text/plain"]))
+    return json.loads(ast.literal_eval(evaluate_silently(km, "", f"__import__('json').dumps({expression})", READY)))
 
 
 def pid_of(km: KernelManager) -> int:

@@ -30,6 +30,7 @@ from runner.kernels import (
     KernelPool,
     PoolKernelManager,
     describe_exit,
+    evaluate_silently,
     kernel_alive,
     kernel_exit_code,
     kernel_provenance,
@@ -52,17 +53,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 def evaluate(km: PoolKernelManager, expression: str) -> str:
     """``repr`` of ``expression`` evaluated in the kernel, without touching its history or namespace."""
-    kc = km.blocking_client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=READY)
-        reply = kc.execute_interactive("", silent=True, store_history=False, user_expressions={"r": expression},
-                                       timeout=READY, output_hook=lambda _msg: None)
-    finally:
-        kc.stop_channels()
-    result = reply["content"]["user_expressions"]["r"]
-    assert result["status"] == "ok", result
-    return result["data"]["text/plain"]
+    return evaluate_silently(km, "", expression, READY)
 
 
 def pid(km: PoolKernelManager) -> int:
