@@ -149,8 +149,9 @@ def main() -> None:
     broker = EmbeddedBroker(settings)
     broker.start(memory=True)
     try:
-        for mode, warm in (("cold", "0"), ("warm", "auto")):
-            with runner_process({**env, "NBREDUCE_WARM_KERNELS": warm}, work / f"runner-{mode}.log") as runner:
+        for mode, warm, fork in (("cold", "0", "0"), ("warm", "auto", "1")):
+            with runner_process({**env, "NBREDUCE_WARM_KERNELS": warm, "NBREDUCE_FORK_SERVERS": fork},
+                                work / f"runner-{mode}.log") as runner:
                 tracker = Tracker(settings)
                 publisher = Publisher(settings)
                 try:
@@ -203,8 +204,8 @@ def main() -> None:
     section = (f"## Core pipeline ({datetime.now(UTC):%Y-%m-%d})\n\nMachine: {machine()}.\n"
                "Broker: embedded Tansu (memory storage); runner as its own process (2 reductions in parallel); "
                "templates in the `scipp` environment (kernel `nbreduce-scipp`). *Warm*: kernels from the pool, "
-               "the environment's imports done, one kernel per run; *cold*: a new kernel per run "
-               "(`NBREDUCE_WARM_KERNELS=0`).\n\n"
+               "the environment's imports done (forked from the environment's fork server), one kernel per run; "
+               "*cold*: a kernel launched for each run (`NBREDUCE_WARM_KERNELS=0 NBREDUCE_FORK_SERVERS=0`).\n\n"
                f"| measurement | result |\n|---|---|\n{table}\n")
     print(section)
     _write_section(args.output, "Core pipeline", section)

@@ -54,6 +54,27 @@ def _show(items: list, as_json: bool, empty: str, line) -> None:
 
 
 class NbreduceGroup(click.Group):
+    """Commands defined in other modules are imported only when used (the hub's imports alone cost
+    ~0.4 s and tens of MB, which a runner or ``nbreduce runs`` should not pay): click's lazy-group pattern."""
+
+    lazy = {
+        "env": "runner.environments:env_commands",
+        "hub": "runner.hub:hub_command",
+        "prune": "runner.prune:prune_command",
+        "replay": "runner.replay:replay_command",
+    }
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            import importlib
+
+            module, _, attribute = self.lazy[name].partition(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -331,20 +352,6 @@ def demo(count, events, no_hub, hub_port, exit_when_done) -> None:
                   stop=stop)
     sys.exit(0 if ok else 1)
 
-
-def _add_plugins() -> None:
-    from runner.environments import env_commands
-    from runner.hub import hub_command
-    from runner.prune import prune_command
-    from runner.replay import replay_command
-
-    main.add_command(env_commands, "env")
-    main.add_command(hub_command, "hub")
-    main.add_command(prune_command, "prune")
-    main.add_command(replay_command, "replay")
-
-
-_add_plugins()
 
 if __name__ == "__main__":  # pragma: no cover
     main()
