@@ -23,12 +23,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
-from runner.archive import RECORD, Archive, ReservationBusy
+from runner.archive import RECORD, Archive, Reservation, ReservationBusy
 from runner.config import Settings
 from runner.datafiles import DataNotReady, DataPathError, check_data_paths, rb_from_nexus, wait_until_ready
 from runner.defaults import ParameterDefaults, fold_defaults, merged_defaults
@@ -116,7 +117,6 @@ class Runner:
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.stop_event = threading.Event()
         self._publisher: Publisher | None = None
-        self._local = threading.local()
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None) -> None:
@@ -305,6 +305,15 @@ class Runner:
             self._publish_status(published)
             return
         reservation = self.archive.reserve(job.job_id, request.instrument, rb, request.runs)
+        try:
+            self._run_reserved(job, template, reservation, paths, rb, notes)
+        finally:  # whatever happened, the job's lock is not held past this attempt (a retry takes it again)
+            if reservation.lock is not None:
+                reservation.lock.close()
+
+    def _run_reserved(self, job: Job, template: Template, reservation: Reservation, paths: list[Path], rb: str,
+                      notes: list[str]) -> None:
+        request = job.request
         defaults = self.defaults(request.instrument, rb) if self.defaults else {}
         try:
             parameters = build_parameters(template, request, rb, paths, reservation.final, defaults)
