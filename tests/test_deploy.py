@@ -153,7 +153,7 @@ def test_overlay_deploys_every_component(overlay: str) -> None:
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in ("Namespace", "PersistentVolume")}
     assert len(namespaces) == 1 and None not in namespaces, f"{overlay}: one namespace for everything: {namespaces}"
     args = {tuple(c.get("args", [])[:2]) for d in deployments.values() for c in pod_template(d)["spec"]["containers"]}
-    assert {("runner",), ("watch", "--interval"), ("bridge", "runinfo"), ("bridge", "legacy")} <= args
+    assert {("runner",), ("watch", "--interval"), ("trigger", "runinfo"), ("trigger", "legacy")} <= args
 
 
 @needs_kubectl
