@@ -58,6 +58,17 @@ def durable_broker(settings: Settings) -> Iterator[EmbeddedBroker]:
         embedded.stop()
 
 
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One shared home with the ``minimal`` environment built from the repository's spec (once a session)."""
+    from runner import environments
+
+    settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path_factory.getbasetemp() / "nbreduce-minimal-home")})
+    [result] = environments.build(settings, ["minimal"], root=REPO / "environments")
+    assert result.status in ("built", "unchanged"), result.message
+    return settings
+
+
 @pytest.fixture
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

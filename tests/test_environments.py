@@ -23,20 +23,6 @@ from runner.config import Settings
 REPO_ENVIRONMENTS = Path(__file__).resolve().parent.parent / "environments"
 
 
-def minimal_home(factory: pytest.TempPathFactory) -> Settings:
-    """One shared home with ``minimal`` built from the repository's spec (idempotent: built once)."""
-    home = factory.getbasetemp() / "nbreduce-minimal-home"
-    settings = Settings.from_env({"NBREDUCE_HOME": str(home)})
-    [result] = envs.build(settings, ["minimal"], root=REPO_ENVIRONMENTS)
-    assert result.status in ("built", "unchanged"), result.message
-    return settings
-
-
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return minimal_home(tmp_path_factory)
-
-
 @pytest.fixture
 def env_root(tmp_path: Path) -> Path:
     """A private copy of the minimal environment that a test may change."""

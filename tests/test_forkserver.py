@@ -39,15 +39,6 @@ KERNEL = "nbreduce-minimal"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """A home with ``minimal`` built; the folder test_environments and test_kernel_pool share (built once)."""
-    settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path_factory.getbasetemp() / "nbreduce-minimal-home")})
-    [result] = envs.build(settings, ["minimal"], root=REPO_ENVIRONMENTS)
-    assert result.status in ("built", "unchanged"), result.message
-    return settings
-
-
-@pytest.fixture(scope="module")
 def pool(built: Settings) -> Iterator[KernelPool]:
     with KernelPool(built, sizes={KERNEL: 2}, preload=envs.preload_by_kernel(REPO_ENVIRONMENTS)) as pool:
         assert pool.wait_ready(READY), pool.stats()

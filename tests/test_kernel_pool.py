@@ -42,15 +42,6 @@ READY = 120  # generous upper bounds on waits, never asserted as timings
 REPO_ENVIRONMENTS = Path(__file__).resolve().parent.parent / "environments"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """A home with ``minimal`` built; the same folder as test_environments uses, so it is built once."""
-    settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path_factory.getbasetemp() / "nbreduce-minimal-home")})
-    [result] = envs.build(settings, ["minimal"], root=REPO_ENVIRONMENTS)
-    assert result.status in ("built", "unchanged"), result.message
-    return settings
-
-
 def evaluate(km: PoolKernelManager, expression: str) -> str:
     """``repr`` of ``expression`` evaluated in the kernel, without touching its history or namespace."""
     return evaluate_silently(km, "", expression, READY)
