@@ -26,8 +26,8 @@ from jupyterhub.services.auth import HubOAuth
 from bench.run import _write_section, machine
 from runner.access import Access, groups_for
 from runner.access import UserMembership as Member
+from runner.broker import free_port
 from runner.config import Settings
-from runner.hub import free_port
 from runner.models import JobState, StatusEvent
 from runner.portal.app import Portal, make_app
 from runner.portal.index import RunFilter

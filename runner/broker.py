@@ -45,7 +45,7 @@ def tansu_binary() -> Path:
     return path
 
 
-def _free_port(preferred: int | None = None) -> int:
+def free_port(preferred: int | None = None) -> int:
     """``preferred`` if it is free (stable addresses across restarts), else one the OS picks."""
     for candidate in ([preferred] if preferred else []) + [0]:
         with socket.socket() as sock:
@@ -58,7 +58,7 @@ def _free_port(preferred: int | None = None) -> int:
     raise BrokerError("no free TCP port on 127.0.0.1")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -94,7 +94,7 @@ class EmbeddedBroker:
         if state is None:
             return {"running": False, "home": str(self.settings.home)}
         pids = state.get("pids", {})
-        running = _alive(pids.get("tansu")) and _port_open(state["kafka_port"])
+        running = _alive(pids.get("tansu")) and port_open(state["kafka_port"])
         if state.get("storage") != "memory":
             running = running and _alive(pids.get("localbucket"))
         return {**state, "running": running, "home": str(self.settings.home)}
@@ -114,7 +114,7 @@ class EmbeddedBroker:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self._previous_ports()
-        kafka_port = _free_port(int(os.environ.get("NBREDUCE_BROKER_PORT", 0)) or previous.get("kafka_port"))
+        kafka_port = free_port(int(os.environ.get("NBREDUCE_BROKER_PORT", 0)) or previous.get("kafka_port"))
         env = dict(os.environ)
         pids: dict[str, int] = {}
         storage = "memory" if memory else "s3"
@@ -123,7 +123,7 @@ class EmbeddedBroker:
             if memory:
                 engine = "memory://tansu/"
             else:
-                s3_port = _free_port(previous.get("s3_port"))
+                s3_port = free_port(previous.get("s3_port"))
                 pids["localbucket"] = self._spawn(
                     [sys.executable, "-m", "localbucket", "--host", "127.0.0.1", "--port", str(s3_port),
                      str(self.dir / "s3")],
@@ -149,7 +149,7 @@ class EmbeddedBroker:
             bootstrap = f"127.0.0.1:{kafka_port}"
             # librdkafka's "connection refused" while Tansu starts goes to logging, not the terminal
             admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("nbreduce.librdkafka")})
-            self._wait(lambda: _port_open(kafka_port) and bool(admin.list_topics(timeout=2)), timeout, "Tansu broker")
+            self._wait(lambda: port_open(kafka_port) and bool(admin.list_topics(timeout=2)), timeout, "Tansu broker")
             ensure_topics(admin)
         except Exception:
             self._terminate(pids)

@@ -99,9 +99,10 @@ def _show_progress(settings: Settings, expected: dict[str, str], exit_when_done:
 
 def _start_hub(settings: Settings, port: int) -> Callable[[], None]:
     """JupyterHub with the portal; its log goes to $NBREDUCE_HOME/hub/hub.log."""
-    from runner.hub import free_port, hub_dir, start_hub, stop_hub
+    from runner.broker import free_port, port_open
+    from runner.hub import hub_dir, start_hub, stop_hub
 
-    if not _port_free(port):
+    if port_open(port):
         port = free_port()
     log_file = hub_dir(settings) / "hub.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -110,9 +111,3 @@ def _start_hub(settings: Settings, port: int) -> Callable[[], None]:
     click.echo(f"portal    http://127.0.0.1:{port}/services/portal/")
     return lambda: stop_hub(process)
 
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0

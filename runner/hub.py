@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import click
 import psutil
 
 from runner.access import ACCESS_ENV, Access, MembershipSource, YamlMembership, groups_for
+from runner.broker import free_port
 from runner.config import PACKAGE_DIR, Settings
 
 REPO_DIR = PACKAGE_DIR.parent
@@ -268,12 +268,6 @@ if AsyncLargeFileManager is not None:
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def proxy_command() -> list[str]:
     """configurable-http-proxy installed by ``npm install --prefix <repo>``, else one on PATH."""
     local = NODE_BIN / "configurable-http-proxy"

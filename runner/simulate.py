@@ -32,6 +32,8 @@ from runner.kafka import Publisher
 from runner.models import RunCompletion, new_id
 from runner.templates import InstrumentConfig, TemplateRegistry
 from runner.topics import RUN_COMPLETIONS
+from runner.triggers.isis import instrument_dir, lastrun_file
+from runner.triggers.lastrun import parse_lastrun
 
 log = logging.getLogger(__name__)
 
@@ -558,19 +560,14 @@ def current_cycle(today: datetime | None = None) -> str:
     return f"cycle_{day:%y}_{(day.month - 1) // 3 + 1}"
 
 
-def instrument_dir(data_root: Path, instrument: str) -> Path:
-    return Path(data_root) / f"NDX{instrument}" / "Instrument"
-
-
 def lastrun_path(data_root: Path, instrument: str) -> Path:
-    return instrument_dir(data_root, instrument) / "logs" / "lastrun.txt"
+    return lastrun_file([Path(data_root)], instrument)
 
 
 def read_lastrun(path: Path) -> int | None:
-    """Run number of an ISIS ``lastrun.txt`` (second of three fields), or None if absent or unreadable."""
+    """Run number of an ISIS ``lastrun.txt`` (the watcher's parser), or None if absent or unreadable."""
     try:
-        fields = path.read_text().split()
-        return int(fields[1]) if len(fields) == 3 else None
+        return parse_lastrun(path.read_text())
     except (OSError, ValueError):
         return None
 
@@ -590,7 +587,7 @@ def write_run(data_root: Path, config: InstrumentConfig, run: int, rb_number: st
     """
     folder = cycle or current_cycle()
     folder = folder if folder.startswith("cycle_") else f"cycle_{folder}"
-    base = instrument_dir(data_root, config.name)
+    base = instrument_dir(Path(data_root), config.name)
     path = write_nexus(base / "data" / folder / config.data_file_name(run), config, run, rb_number,
                        events=events, title=title, seed=seed)
     prefix = config.file_prefix or config.name

@@ -20,9 +20,9 @@ import requests
 import yaml
 from test_portal_support import MEMBERSHIP, seed
 
-from runner.broker import EmbeddedBroker
+from runner.broker import EmbeddedBroker, free_port
 from runner.config import Settings
-from runner.hub import free_port, start_hub, stop_hub
+from runner.hub import start_hub, stop_hub
 from runner.kafka import read_topic
 from runner.models import ReductionRequest
 from runner.topics import REDUCTION_REQUESTS

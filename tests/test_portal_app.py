@@ -20,8 +20,8 @@ from test_portal_support import MEMBERSHIP, archive_job, publish_status, seed
 from tornado.ioloop import IOLoop
 
 from runner.access import Access, StaticMembership
+from runner.broker import free_port
 from runner.defaults import ParameterDefaults, defaults_for
-from runner.hub import free_port
 from runner.kafka import read_topic
 from runner.models import JobState, ReductionRequest, StatusEvent
 from runner.portal.app import Portal, Subscriber, make_app
