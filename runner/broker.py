@@ -8,7 +8,6 @@ machine gets the same platform with one command. State (ports, pids) lives in
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import socket
@@ -25,6 +24,7 @@ import psutil
 from confluent_kafka.admin import AdminClient
 
 from runner.config import Settings
+from runner.kafka import _librdkafka_log
 from runner.topics import ensure_topics
 
 BUCKET = "tansu"
@@ -148,7 +148,7 @@ class EmbeddedBroker:
             )
             bootstrap = f"127.0.0.1:{kafka_port}"
             # librdkafka's "connection refused" while Tansu starts goes to logging, not the terminal
-            admin = AdminClient({"bootstrap.servers": bootstrap, "logger": logging.getLogger("nbreduce.librdkafka")})
+            admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _librdkafka_log})
             self._wait(lambda: port_open(kafka_port) and bool(admin.list_topics(timeout=2)), timeout, "Tansu broker")
             ensure_topics(admin)
         except Exception:

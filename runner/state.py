@@ -8,7 +8,7 @@ start-up and the portal, which keeps following the topic for live updates.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from confluent_kafka import Message
 
@@ -44,10 +44,6 @@ class StatusView:
             self.invalid += 1
             return None
         return event if self.apply(event) else None
-
-    def extend(self, events: Iterable[StatusEvent]) -> None:
-        for event in events:
-            self.apply(event)
 
     def snapshot(self) -> list[StatusEvent]:
         with self._lock:
