@@ -24,11 +24,11 @@ import requests
 from jupyterhub.services.auth import HubOAuth
 
 from bench.run import _write_section, machine
-from runner.access import Access, groups_for
-from runner.access import UserMembership as Member
-from runner.broker import free_port
+from runner.bus.embedded import free_port
+from runner.bus.models import JobState, StatusEvent
 from runner.config import Settings
-from runner.models import JobState, StatusEvent
+from runner.hub.access import Access, groups_for
+from runner.hub.access import UserMembership as Member
 from runner.portal.app import Portal, make_app
 from runner.portal.index import RunFilter
 

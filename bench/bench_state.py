@@ -30,12 +30,12 @@ from pathlib import Path
 import psutil
 
 from bench.run import _write_section, machine
-from runner.broker import EmbeddedBroker
+from runner.bus.clients import producer, read_topic
+from runner.bus.embedded import EmbeddedBroker
+from runner.bus.models import ErrorInfo, JobState, StatusEvent, TriggerRef
+from runner.bus.status import StatusView
+from runner.bus.topics import REDUCTION_REQUESTS, REDUCTION_STATUS
 from runner.config import Settings
-from runner.kafka import producer, read_topic
-from runner.models import ErrorInfo, JobState, StatusEvent, TriggerRef
-from runner.state import StatusView
-from runner.topics import REDUCTION_REQUESTS, REDUCTION_STATUS
 
 REPO = Path(__file__).resolve().parent.parent
 INSTRUMENTS = ["MARI", "WISH", "LET", "MERLIN", "MAPS", "OSIRIS", "IRIS", "POLARIS", "GEM", "HRPD"]

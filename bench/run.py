@@ -27,13 +27,13 @@ from pathlib import Path
 
 import psutil
 
-from runner.broker import EmbeddedBroker
+from runner.bus.clients import Publisher
+from runner.bus.embedded import EmbeddedBroker
+from runner.bus.models import ReductionRequest, StatusEvent
+from runner.bus.status import StatusView, follow
+from runner.bus.topics import REDUCTION_REQUESTS
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import ReductionRequest, StatusEvent
-from runner.state import StatusView, follow
-from runner.submit import request_job_id
-from runner.topics import REDUCTION_REQUESTS
+from runner.pipeline.submit import request_job_id
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 @contextmanager
 def runner_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """``nbreduce runner`` as its own process, as in production."""
-    process = subprocess.Popen([sys.executable, "-m", "runner.cli", "-v", "runner"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "runner.cli.main", "-v", "runner"], env=env,
                                stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
         yield process
@@ -137,8 +137,8 @@ def main() -> None:
     papermill_cli = statistics.median(cli_times)
     rows.append(("papermill CLI, trivial template (median of 5, wall)", f"{papermill_cli:.2f} s"))
 
-    from runner.environments import build
-    from runner.simulate import simulate
+    from runner.kernels.environments import build
+    from runner.sim.runs import simulate
 
     t0 = time.perf_counter()
     result = build(settings, ["scipp"])[0]

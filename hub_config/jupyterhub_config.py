@@ -1,6 +1,6 @@
 # JupyterHub configuration of the nbreduce demo hub (`nbreduce hub`, `nbreduce demo`).
 #
-# Everything is read from the environment that `runner.hub.hub_environment` prepares, so the same file
+# Everything is read from the environment that `runner.hub.launch.hub_environment` prepares, so the same file
 # serves a laptop, CI and the tests. Production: keep this file and override the authenticator and
 # spawner as shown in production_example.py (docs/hub.md explains the access model).
 # ruff: noqa: F821  (`c` is injected by JupyterHub)
@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from runner.config import Settings
-from runner.hub import hub_config_dir, hub_dir, pre_spawn_hook, proxy_command
+from runner.hub.launch import hub_config_dir, hub_dir, proxy_command
+from runner.hub.spawn import pre_spawn_hook
 
 settings = Settings.from_env()
 state = hub_dir(settings)
@@ -32,7 +33,7 @@ c.JupyterHub.cookie_secret_file = str(state / "jupyterhub_cookie_secret")
 c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
 
 # -- authentication: demo users of membership.yaml, one shared password, groups from membership -----------
-c.JupyterHub.authenticator_class = "runner.hub.MembershipAuthenticator"
+c.JupyterHub.authenticator_class = "runner.hub.auth.MembershipAuthenticator"
 c.MembershipAuthenticator.membership_file = env.get("NBREDUCE_MEMBERSHIP", str(hub_config_dir() / "membership.yaml"))
 c.MembershipAuthenticator.demo_password = env.get("NBREDUCE_DEMO_PASSWORD", "nbreduce-demo")
 
@@ -43,7 +44,7 @@ c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username
 c.Spawner.pre_spawn_hook = pre_spawn_hook
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = [
-    "--ServerApp.contents_manager_class=runner.hub.ReductionsContentsManager",
+    "--ServerApp.contents_manager_class=runner.hub.contents.ReductionsContentsManager",
     # the demo may run as root; read-only reductions are enforced by the contents manager, not file modes
     "--ServerApp.allow_root=True",
 ]

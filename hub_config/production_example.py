@@ -20,12 +20,12 @@
 # Groups rb-<RB> / instrument-<INST> / admin must come from the experiment database, not from the
 # identity provider's claims. Two ways:
 #
-# (a) Keep the IdP for login and take groups from a MembershipSource (runner.access) -- a sketch: check the
+# (a) Keep the IdP for login and take groups from a MembershipSource (runner.hub.access) -- a sketch: check the
 #     hook names against the oauthenticator version you pin. E.g. a class
 #     that asks the user office API which experiments a user is on:
 #
 # from oauthenticator.generic import GenericOAuthenticator
-# from runner.access import MembershipSource, UserMembership, groups_for
+# from runner.hub.access import MembershipSource, UserMembership, groups_for
 #
 # class UserOfficeMembership(MembershipSource):
 #     def lookup(self, username):
@@ -52,7 +52,7 @@
 # c.JupyterHub.spawner_class = "kubespawner.KubeSpawner"
 # c.KubeSpawner.image = "registry.example.org/nbreduce-lab@sha256:..."   # pin by digest
 # c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
-# c.KubeSpawner.args = ["--ServerApp.contents_manager_class=runner.hub.ReductionsContentsManager"]
+# c.KubeSpawner.args = ["--ServerApp.contents_manager_class=runner.hub.contents.ReductionsContentsManager"]
 # c.KubeSpawner.pre_spawn_hook = pre_spawn_hook     # same hook: NBREDUCE_ACCESS, NBREDUCE_ARCHIVE, JUPYTER_PATH
 # c.KubeSpawner.environment = {"NBREDUCE_ARCHIVE": "/archive"}
 # c.KubeSpawner.volumes = [{"name": "archive", "persistentVolumeClaim": {"claimName": "nbreduce-archive"}}]

@@ -14,8 +14,8 @@ from pathlib import Path
 import papermill
 import pytest
 
-from runner.simulate import instrument_model, write_nexus
-from runner.templates import TEMPLATE_NAME, TemplateError, TemplateRegistry
+from runner.sim import instrument_model, write_run_file
+from runner.templates.registry import TEMPLATE_NAME, TemplateError, TemplateRegistry
 
 NOTEBOOKS = Path(__file__).resolve().parent
 SAMPLE_DIR = "sample_data"
@@ -47,8 +47,8 @@ def write_sample_data(root: Path = NOTEBOOKS) -> list[Path]:
         run = _default(parameters, "run_number")
         run = run if isinstance(run, int) and run > 0 else 1
         # fixed seed: every session reduces the same events, so a failure can be reproduced
-        written.append(write_nexus(root / instrument / data_file, config, run, SAMPLE_RB, events=SAMPLE_EVENTS,
-                                   title=instrument_model(config).title(run), seed=run))
+        written.append(write_run_file(root / instrument / data_file, config, run, SAMPLE_RB, events=SAMPLE_EVENTS,
+                                      title=instrument_model(config).title(run), seed=run))
     return written
 
 

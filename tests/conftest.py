@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.broker import EmbeddedBroker
+from runner.bus.embedded import EmbeddedBroker
 from runner.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def durable_broker(settings: Settings) -> Iterator[EmbeddedBroker]:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """One shared home with the ``minimal`` environment built from the repository's spec (once a session)."""
-    from runner import environments
+    from runner.kernels import environments
 
     settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path_factory.getbasetemp() / "nbreduce-minimal-home")})
     [result] = environments.build(settings, ["minimal"], root=REPO / "environments")

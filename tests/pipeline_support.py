@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runner.broker import EmbeddedBroker
+from runner.bus.embedded import EmbeddedBroker
 from runner.config import Settings
 
 FIXTURE_NOTEBOOKS = Path(__file__).parent / "fixtures" / "notebooks"
@@ -16,7 +16,7 @@ FIXTURE_NOTEBOOKS = Path(__file__).parent / "fixtures" / "notebooks"
 @contextmanager
 def running_platform(home: Path, **env: str) -> Iterator[Settings]:
     """A memory broker and an in-process runner on the test templates; yields their Settings."""
-    from runner.runner import Runner
+    from runner.pipeline.consumer import Runner
 
     data = home / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,18 @@ import yaml
 from pydantic import ValidationError
 from test_portal_support import MEMBERSHIP
 
-from runner.access import ACCESS_ENV, Access, Membership, StaticMembership, UserMembership, YamlMembership, groups_for
-from runner.hub import MembershipAuthenticator, hub_config_dir, pre_spawn_hook
+from runner.hub.access import (
+    ACCESS_ENV,
+    Access,
+    Membership,
+    StaticMembership,
+    UserMembership,
+    YamlMembership,
+    groups_for,
+)
+from runner.hub.auth import MembershipAuthenticator
+from runner.hub.launch import hub_config_dir
+from runner.hub.spawn import pre_spawn_hook
 
 
 def test_groups_round_trip_to_access() -> None:

@@ -9,17 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from runner.broker import EmbeddedBroker
-from runner.kafka import read_topic
-from runner.models import JobState, StatusEvent
-from runner.submit import submit_request, wait_for_jobs
-from runner.topics import REDUCTION_STATUS
+from runner.bus.clients import read_topic
+from runner.bus.embedded import EmbeddedBroker
+from runner.bus.models import JobState, StatusEvent
+from runner.bus.topics import REDUCTION_STATUS
+from runner.pipeline.submit import submit_request, wait_for_jobs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
 
 def start_runner(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runner.cli", "-v", "runner"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "runner.cli.main", "-v", "runner"], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
-from runner.access import ACCESS_ENV, Access
-from runner.templates import InstrumentConfig
-from runner.topics import TOPICS
+from runner.bus.topics import TOPICS
+from runner.hub.access import ACCESS_ENV, Access
+from runner.templates.registry import InstrumentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -384,14 +384,15 @@ def test_hub_values_fit_the_manifests() -> None:
 def test_hub_values_wire_nbreduce() -> None:
     values = hub_values()
     hook_module = load_hook_module()
-    assert values["hub"]["config"]["JupyterHub"]["authenticator_class"] == "runner.hub.MembershipAuthenticator"
+    assert values["hub"]["config"]["JupyterHub"]["authenticator_class"] == "runner.hub.auth.MembershipAuthenticator"
     extra = "\n".join(values["hub"]["extraConfig"].values())
     assert "c.KubeSpawner.pre_spawn_hook = nbreduce_kubespawner.pre_spawn_hook" in extra
     assert callable(hook_module.pre_spawn_hook)
     archive_volumes = [v["name"] for v in values["singleuser"]["storage"]["extraVolumes"]
                        if v.get("persistentVolumeClaim", {}).get("claimName") == "nbreduce-archive"]
     assert archive_volumes == [hook_module.ARCHIVE_VOLUME]
-    assert "--ServerApp.contents_manager_class=runner.hub.ReductionsContentsManager" in values["singleuser"]["cmd"]
+    manager = "--ServerApp.contents_manager_class=runner.hub.contents.ReductionsContentsManager"
+    assert manager in values["singleuser"]["cmd"]
 
 
 # -- the KubeSpawner hook (deploy/jupyterhub/nbreduce_kubespawner.py) ------------------------------

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner import environments as envs
+from runner.cli.env import env_commands
 from runner.config import Settings
+from runner.kernels import environments as envs
 
 REPO_ENVIRONMENTS = Path(__file__).resolve().parent.parent / "environments"
 
@@ -128,12 +129,12 @@ def test_conda_environment_says_clearly_it_is_not_buildable_here(home: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NBREDUCE_CONDA", "no-such-conda-frontend")
     runner = CliRunner()
-    result = runner.invoke(envs.env_commands, ["build", "mantid"])
+    result = runner.invoke(env_commands, ["build", "mantid"])
     assert result.exit_code == 1
     assert "mantid: unavailable" in result.output and "conda" in result.output
     assert not envs.kernels_dir(Settings.from_env()).exists()
 
-    listing = runner.invoke(envs.env_commands, ["list", "--json"])
+    listing = runner.invoke(env_commands, ["list", "--json"])
     assert listing.exit_code == 0
     rows = {row["name"]: row for row in map(json.loads, listing.output.splitlines())}
     assert rows["mantid"]["state"] == "missing" and "not buildable here" in rows["mantid"]["note"]

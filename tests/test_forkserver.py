@@ -27,11 +27,11 @@ from jupyter_client import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from nbformat.v4 import new_code_cell, new_notebook
 
-from runner import environments as envs
 from runner.config import Settings
-from runner.forkserver import ForkServerError, ForkServers
-from runner.kernels import KernelPool, evaluate_silently, kernel_alive, kernel_exit_code, shutdown
-from runner.provisioner import PROVISIONER_NAME, ForkProvisioner, kernel_arguments
+from runner.kernels import environments as envs
+from runner.kernels.forkserver import ForkServerError, ForkServers
+from runner.kernels.pool import KernelPool, evaluate_silently, kernel_alive, kernel_exit_code, shutdown
+from runner.kernels.provisioner import PROVISIONER_NAME, ForkProvisioner, kernel_arguments
 
 READY = 120  # generous upper bounds on waits, never asserted as timings
 REPO_ENVIRONMENTS = Path(__file__).resolve().parent.parent / "environments"
@@ -218,7 +218,7 @@ def test_fork_server_and_its_kernels_die_with_the_runner(built: Settings, tmp_pa
         import json, sys, time
         import psutil
         from runner.config import Settings
-        from runner.kernels import KernelPool
+        from runner.kernels.pool import KernelPool
         pool = KernelPool(Settings.from_env({{"NBREDUCE_HOME": {str(built.home)!r}}}))
         km = pool.acquire({KERNEL!r}, cwd={str(tmp_path)!r})
         print(json.dumps([km.provisioner.pid, psutil.Process(km.provisioner.pid).ppid(), km.forked]), flush=True)

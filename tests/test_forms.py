@@ -7,7 +7,7 @@ import pytest
 from papermill.translators import PythonTranslator
 from test_portal_support import write_template
 
-from runner.paramspec import (
+from runner.templates.params import (
     MAX_TEXT,
     ParamError,
     ParamSpec,

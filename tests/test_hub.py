@@ -20,12 +20,12 @@ import requests
 import yaml
 from test_portal_support import MEMBERSHIP, seed
 
-from runner.broker import EmbeddedBroker, free_port
+from runner.bus.clients import read_topic
+from runner.bus.embedded import EmbeddedBroker, free_port
+from runner.bus.models import ReductionRequest
+from runner.bus.topics import REDUCTION_REQUESTS
 from runner.config import Settings
-from runner.hub import start_hub, stop_hub
-from runner.kafka import read_topic
-from runner.models import ReductionRequest
-from runner.topics import REDUCTION_REQUESTS
+from runner.hub.launch import start_hub, stop_hub
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PASSWORD = "test-demo-password"

@@ -24,9 +24,9 @@ from jupyter_core.utils import run_sync
 from nbclient.exceptions import DeadKernelError
 from nbformat.v4 import new_code_cell, new_notebook
 
-from runner import environments as envs
 from runner.config import Settings
-from runner.kernels import (
+from runner.kernels import environments as envs
+from runner.kernels.pool import (
     KernelPool,
     PoolKernelManager,
     describe_exit,

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from pipeline_support import running_platform
 
+from runner.bus.clients import Publisher, read_topic
+from runner.bus.models import JobState, RunCompletion, StatusEvent
 from runner.config import Settings
-from runner.kafka import Publisher, read_topic
-from runner.models import JobState, RunCompletion, StatusEvent
-from runner.runner import RUN_COMPLETIONS, job_id_for
-from runner.submit import wait_for_jobs
-from runner.templates import MultiRunSpec
+from runner.pipeline.consumer import RUN_COMPLETIONS, job_id_for
+from runner.pipeline.submit import wait_for_jobs
+from runner.templates.registry import MultiRunSpec
 from runner.triggers.base import stable_id
 from runner.triggers.multirun import MultiRunDeclaration, MultiRunTrigger, declare
 

@@ -17,12 +17,12 @@ import psutil
 import pytest
 from pipeline_support import running_platform
 
+from runner.bus.clients import Publisher, read_topic
+from runner.bus.models import DeadLetter, JobState, RunCompletion, StatusEvent
+from runner.bus.topics import DEAD_LETTER
 from runner.config import Settings
-from runner.kafka import Publisher, read_topic
-from runner.models import DeadLetter, JobState, RunCompletion, StatusEvent
-from runner.runner import REDUCTION_STATUS, RUN_COMPLETIONS, job_id_for
-from runner.submit import submit_request, wait_for_jobs
-from runner.topics import DEAD_LETTER
+from runner.pipeline.consumer import REDUCTION_STATUS, RUN_COMPLETIONS, job_id_for
+from runner.pipeline.submit import submit_request, wait_for_jobs
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_override_of_the_wrong_type_is_rejected_by_the_runner(platform: Settings
 
 def test_a_job_reserved_by_another_runner_is_not_taken_over(tmp_path: Path) -> None:
     """A rebalance can hand one message to two runners: the second must not clear the first one's work."""
-    from runner.archive import Archive, ReservationBusy
+    from runner.archive.store import Archive, ReservationBusy
 
     archive = Archive(tmp_path / "archive")
     first = archive.reserve("job-1", "ECHO", "1920001", [1])
@@ -213,7 +213,7 @@ def test_a_job_reserved_by_another_runner_is_not_taken_over(tmp_path: Path) -> N
 
 
 def test_kafka_client_properties_from_the_environment(settings: Settings) -> None:
-    from runner.kafka import client_config
+    from runner.bus.clients import client_config
 
     config = client_config(settings.model_copy(update={"bootstrap_servers": "broker:9093"}),
                            {"NBREDUCE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "NBREDUCE_KAFKA_SASL_MECHANISM": "SCRAM",
@@ -225,7 +225,7 @@ def test_kafka_client_properties_from_the_environment(settings: Settings) -> Non
 def test_runner_serves_only_its_environments(tmp_path: Path) -> None:
     from pipeline_support import FIXTURE_NOTEBOOKS
 
-    from runner.runner import Runner
+    from runner.pipeline.consumer import Runner
 
     settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path), "NBREDUCE_NOTEBOOKS": str(FIXTURE_NOTEBOOKS),
                                   "NBREDUCE_RUNNER_ENVIRONMENTS": "minimal"})

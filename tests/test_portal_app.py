@@ -19,13 +19,13 @@ from jupyterhub.services.auth import HubOAuth
 from test_portal_support import MEMBERSHIP, archive_job, publish_status, seed
 from tornado.ioloop import IOLoop
 
-from runner.access import Access, StaticMembership
-from runner.broker import free_port
-from runner.defaults import ParameterDefaults, defaults_for
-from runner.kafka import read_topic
-from runner.models import JobState, ReductionRequest, StatusEvent
+from runner.bus.clients import read_topic
+from runner.bus.embedded import free_port
+from runner.bus.models import JobState, ReductionRequest, StatusEvent
+from runner.bus.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
+from runner.hub.access import Access, StaticMembership
 from runner.portal.app import Portal, Subscriber, make_app
-from runner.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
+from runner.templates.defaults import ParameterDefaults, defaults_for
 
 pytestmark = pytest.mark.broker
 PREFIX = "/services/portal/"

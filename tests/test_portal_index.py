@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from runner.access import Access
-from runner.models import JobState, StatusEvent
+from runner.bus.models import JobState, StatusEvent
+from runner.hub.access import Access
 from runner.portal.index import RunFilter, RunIndex
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Shared helpers of the hub/portal tests: a small real template and archived versions of it.
 
-Versions are published with the real :class:`runner.archive.Archive` and their status events go to
+Versions are published with the real :class:`runner.archive.store.Archive` and their status events go to
 the real broker, exactly as the runner leaves them, so the portal and the hub see real data.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import nbformat
 
-from runner.archive import Archive
+from runner.archive.store import Archive
+from runner.bus.clients import Publisher
+from runner.bus.models import ErrorInfo, JobState, StatusEvent, utcnow
+from runner.bus.topics import REDUCTION_STATUS
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import ErrorInfo, JobState, StatusEvent, utcnow
-from runner.topics import REDUCTION_STATUS
 
 PARAMETERS_CELL = '''\
 data_file = ""

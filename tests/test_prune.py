@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runner.archive import Archive
+from runner.archive.prune import PruneRefused, parse_duration, prune
+from runner.archive.store import Archive
+from runner.bus.models import JobState, StatusEvent, utcnow
+from runner.cli.prune import prune_command
 from runner.config import Settings
-from runner.models import JobState, StatusEvent, utcnow
-from runner.prune import PruneRefused, parse_duration, prune, prune_command
 
 
 def publish_version(archive: Archive, job_id: str, run: int, age_days: float | None, instrument: str = "MARI",

@@ -7,11 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from runner.bus.clients import Publisher, read_topic
+from runner.bus.models import DeadLetter
+from runner.bus.replay import ReplayError, replay, replayed
+from runner.bus.topics import DEAD_LETTER, REDUCTION_REQUESTS, REPLAY_HEADER, REPLAY_ID_HEADER, RUN_COMPLETIONS
+from runner.cli.replay import replay_command
 from runner.config import Settings
-from runner.kafka import Publisher, read_topic
-from runner.models import DeadLetter
-from runner.replay import ReplayError, replay, replay_command, replayed
-from runner.topics import DEAD_LETTER, REDUCTION_REQUESTS, REPLAY_HEADER, REPLAY_ID_HEADER, RUN_COMPLETIONS
 
 pytestmark = pytest.mark.broker
 

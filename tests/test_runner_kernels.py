@@ -12,10 +12,10 @@ import pytest
 from pipeline_support import FIXTURE_NOTEBOOKS, running_platform
 
 from runner import __version__
+from runner.bus.models import JobState
 from runner.config import Settings
-from runner.environments import build, load
-from runner.models import JobState
-from runner.submit import submit_request, wait_for_jobs
+from runner.kernels.environments import build, load
+from runner.pipeline.submit import submit_request, wait_for_jobs
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,14 @@ import scipp as sc
 import scippnexus as snx
 from scippneutron.conversion.graph import beamline, tof
 
-from runner import simulate as sim
+from runner import sim
+from runner.sim import nexus
+from runner.bus.clients import read_topic
+from runner.bus.models import RunCompletion
+from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
-from runner.kafka import read_topic
-from runner.models import RunCompletion
-from runner.templates import InstrumentConfig, TemplateError
-from runner.topics import RUN_COMPLETIONS
+from runner.isis.layout import LastRunError, current_cycle, lastrun_file, read_lastrun
+from runner.templates.registry import InstrumentConfig, TemplateError
 
 MARI = InstrumentConfig(name="MARI", technique="direct geometry spectroscopy", file_prefix="MAR", run_digits=5)
 WISH = InstrumentConfig(name="WISH", technique="powder diffraction", file_prefix="WISH", run_digits=8)
@@ -49,26 +51,28 @@ def test_write_run_uses_isis_layout_and_lastrun(tmp_path: Path):
     assert lastrun.read_text() == "MAR 25581 0\n"
     fields = lastrun.read_text().split()
     assert len(fields) == 3 and int(fields[1]) == 25581
-    assert sim.read_lastrun(lastrun) == 25581
+    assert read_lastrun(lastrun) == 25581
     # atomic writes leave no temporary files behind
     assert sorted(p.name for p in path.parent.iterdir()) == ["MAR25581.nxs"]
     assert sorted(p.name for p in lastrun.parent.iterdir()) == ["lastrun.txt"]
 
     default = sim.write_run(tmp_path, WISH, 38237, "2612345", events=1000, title="Si", seed=1)
-    assert default.parent.name == sim.current_cycle()
+    assert default.parent.name == current_cycle()
     assert default.name == "WISH00038237.nxs"
     assert (tmp_path / "NDXWISH/Instrument/logs/lastrun.txt").read_text() == "WISH 00038237 0\n"
 
 
 def test_current_cycle_and_lastrun_parsing(tmp_path: Path):
-    assert sim.current_cycle(datetime(2026, 11, 25)) == "cycle_26_4"
-    assert sim.current_cycle(datetime(2025, 1, 3)) == "cycle_25_1"
+    assert current_cycle(datetime(2026, 11, 25)) == "cycle_26_4"
+    assert current_cycle(datetime(2025, 1, 3)) == "cycle_25_1"
     lastrun = tmp_path / "lastrun.txt"
-    assert sim.read_lastrun(lastrun) is None
+    with pytest.raises(LastRunError):
+        read_lastrun(lastrun, retries=0)
     lastrun.write_text("WISH 00038237 0")
-    assert sim.read_lastrun(lastrun) == 38237
+    assert read_lastrun(lastrun) == 38237
     lastrun.write_text("WISH 0003")  # caught while being rewritten
-    assert sim.read_lastrun(lastrun) is None
+    with pytest.raises(LastRunError):
+        read_lastrun(lastrun, retries=0)
 
 
 def test_nexus_file_content(tmp_path: Path):
@@ -171,7 +175,7 @@ def test_reflections_of_silicon():
 
 def test_same_seed_same_events_and_chunking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     first = sim.write_run(tmp_path / "a", WISH, 7, "2612345", events=30_000, title="Si", seed=11)
-    monkeypatch.setattr(sim, "CHUNK_EVENTS", 997)  # many chunks, none aligned with a bank boundary
+    monkeypatch.setattr(nexus, "CHUNK_EVENTS", 997)  # many chunks, none aligned with a bank boundary
     second = sim.write_run(tmp_path / "b", WISH, 7, "2612345", events=30_000, title="Si", seed=11)
     third = sim.write_run(tmp_path / "c", WISH, 7, "2612345", events=30_000, title="Si", seed=12)
     with h5py.File(first) as a, h5py.File(second) as b, h5py.File(third) as c:
@@ -208,7 +212,7 @@ def test_simulate_without_publishing_starts_at_a_realistic_run(settings: Setting
     messages = sim.simulate(settings, "MARI", runs=2, events=1000, rb_number="1910001", publish=False)
     assert [m.run_number for m in messages] == [25581, 25582]
     assert all(Path(m.data).is_file() for m in messages)
-    assert sim.read_lastrun(sim.lastrun_path(settings.data_roots[0], "MARI")) == 25582
+    assert read_lastrun(lastrun_file(settings.data_roots, "MARI")) == 25582
     with pytest.raises(TemplateError):
         sim.simulate(settings, "NOPE", runs=1, publish=False)
     with pytest.raises(ValueError):
@@ -218,7 +222,7 @@ def test_simulate_without_publishing_starts_at_a_realistic_run(settings: Setting
 @pytest.mark.broker
 def test_simulate_publishes_run_completions(broker: Settings, notebooks: Path):
     settings = broker.model_copy(update={"notebooks": notebooks})
-    lastrun = sim.lastrun_path(settings.data_roots[0], "WISH")
+    lastrun = lastrun_file(settings.data_roots, "WISH")
     lastrun.parent.mkdir(parents=True)
     lastrun.write_text("WISH 00038240 0\n")
 
@@ -235,7 +239,7 @@ def test_simulate_publishes_run_completions(broker: Settings, notebooks: Path):
     assert len({m.message_id for m in by_run.values()}) == 3
     for run, message in by_run.items():
         assert message.instrument == "WISH" and message.facility == "ISIS" and message.started_by == 0
-        assert message.data == str(settings.data_roots[0] / f"NDXWISH/Instrument/data/{sim.current_cycle()}"
+        assert message.data == str(settings.data_roots[0] / f"NDXWISH/Instrument/data/{current_cycle()}"
                                                             f"/WISH{run:08d}.nxs")
         assert str(run) in message.run_title
         with h5py.File(message.data) as f:

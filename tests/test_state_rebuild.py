@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runner.broker import EmbeddedBroker
-from runner.kafka import Publisher
-from runner.models import JobState, StatusEvent
-from runner.state import StatusView
-from runner.topics import REDUCTION_STATUS
+from runner.bus.clients import Publisher
+from runner.bus.embedded import EmbeddedBroker
+from runner.bus.models import JobState, StatusEvent
+from runner.bus.status import StatusView
+from runner.bus.topics import REDUCTION_STATUS
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ def test_status_survives_a_durable_broker_restart(durable_broker: EmbeddedBroker
     assert view.jobs["job05"].state == JobState.FAILED
 
     # a new process of the same home finds the restarted broker and shows the same state
-    out = subprocess.run([sys.executable, "-m", "runner.cli", "runs", "--json", "--limit", "100"],
+    out = subprocess.run([sys.executable, "-m", "runner.cli.main", "runs", "--json", "--limit", "100"],
                          env={**os.environ, "NBREDUCE_HOME": str(settings.home)},
                          capture_output=True, text=True, timeout=120, check=True).stdout
     listed = {row["job_id"]: row for row in json.loads(out)}

@@ -15,8 +15,8 @@ import pytest
 import scipp as sc
 import scrapbook as sb
 
-from runner import simulate as sim
-from runner.templates import TEMPLATE_NAME, TemplateRegistry
+from runner import sim
+from runner.templates.registry import TEMPLATE_NAME, TemplateRegistry
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 INSTRUMENTS = ("WISH", "MARI")

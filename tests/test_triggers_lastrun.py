@@ -10,12 +10,13 @@ import nbformat
 import pytest
 from test_triggers_runinfo import RB, completions, data_dir, write_nexus
 
+from runner import sim
+from runner.bus.clients import read_topic
+from runner.bus.topics import TRIGGER_STATE
 from runner.config import Settings
-from runner.kafka import read_topic
-from runner.topics import TRIGGER_STATE
+from runner.isis.layout import instrument_config
 from runner.triggers import TriggerHealth, trigger_health
 from runner.triggers.base import stable_id
-from runner.triggers.isis import instrument_config
 from runner.triggers.lastrun import LastRunError, LastRunWatcher, read_lastrun, watch
 
 
@@ -65,13 +66,12 @@ def test_backfill_after_a_gap_publishes_each_run_once(templated: Settings) -> No
 
 @pytest.mark.broker
 def test_runs_written_by_the_simulator_are_picked_up(templated: Settings) -> None:
-    simulate = pytest.importorskip("runner.simulate")
     config = instrument_config(templated, "MARI")
     root = templated.data_roots[0]
-    simulate.write_run(root, config, 200, RB, events=100, title="first", cycle="25_3", seed=1)
+    sim.write_run(root, config, 200, RB, events=100, title="first", cycle="25_3", seed=1)
     watcher = LastRunWatcher(templated)
     assert watcher.step() == 0
-    path = simulate.write_run(root, config, 201, "2612345", events=100, title="second", cycle="25_3", seed=1)
+    path = sim.write_run(root, config, 201, "2612345", events=100, title="second", cycle="25_3", seed=1)
     assert watcher.step() == 1
     watcher.close()
     [completion] = completions(templated)

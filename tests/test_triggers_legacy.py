@@ -10,10 +10,10 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from test_triggers_runinfo import completions, create_topics, dead_letters, drive
 
+from runner.bus.clients import Publisher
+from runner.bus.models import RunCompletion
+from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import RunCompletion
-from runner.topics import DEAD_LETTER, RUN_COMPLETIONS
 from runner.triggers import make_trigger, trigger_class
 from runner.triggers.base import stable_id
 from runner.triggers.legacy import LegacyDataReadyBridge
@@ -172,4 +172,4 @@ def test_triggers_are_pluggable_by_name_or_import_path() -> None:
     assert trigger_class("legacy") is LegacyDataReadyBridge
     assert trigger_class("runner.triggers.legacy:LegacyDataReadyBridge") is LegacyDataReadyBridge
     with pytest.raises(ValueError, match="unknown trigger"):
-        trigger_class("runner.models:RunCompletion")  # not a Trigger
+        trigger_class("runner.bus.models:RunCompletion")  # not a Trigger

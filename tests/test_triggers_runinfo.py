@@ -15,12 +15,12 @@ import pytest
 from confluent_kafka.admin import NewTopic
 from streaming_data_types import serialise_6s4t, serialise_pl72, serialise_wrdn
 
+from runner.bus.clients import Publisher, admin, read_topic
+from runner.bus.models import DeadLetter, RunCompletion
+from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS
 from runner.config import Settings
-from runner.kafka import Publisher, admin, read_topic
-from runner.models import DeadLetter, RunCompletion
-from runner.topics import DEAD_LETTER, RUN_COMPLETIONS
+from runner.isis.layout import cycle_dirs, find_data_file, valid_rb
 from runner.triggers.base import Trigger, read_state, stable_id
-from runner.triggers.isis import cycle_dirs, find_data_file, valid_rb
 from runner.triggers.runinfo import RunInfoTrigger, RunStartState
 
 RB = "1920001"

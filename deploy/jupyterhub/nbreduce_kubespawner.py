@@ -1,7 +1,7 @@
 """KubeSpawner glue for nbreduce on zero-to-jupyterhub: each user's pod mounts, read-only, only the
 archive folders of that user's experiments and instruments.
 
-``runner.hub.pre_spawn_hook`` hands the single-user server the user's access, and its contents manager
+``runner.hub.spawn.pre_spawn_hook`` hands the single-user server the user's access, and its contents manager
 filters what JupyterLab shows; but a kernel can read every file its pod can see. Mounting only the
 visible folders makes the file system itself the boundary (docs/hub.md, "Demo caveat").
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runner.access import ACCESS_ENV, Access
 from runner.config import Settings
-from runner.hub import pre_spawn_hook as nbreduce_pre_spawn_hook
+from runner.hub.access import ACCESS_ENV, Access
+from runner.hub.spawn import pre_spawn_hook as nbreduce_pre_spawn_hook
 
 #: Name of the archive volume in ``singleuser.storage.extraVolumes`` (the PVC ``nbreduce-archive``).
 ARCHIVE_VOLUME = "nbreduce-archive"

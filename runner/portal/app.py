@@ -1,8 +1,8 @@
 """The reductions portal: a tornado app run as a JupyterHub service, users logged in by the hub's OAuth.
 
-Every handler resolves the user's :class:`runner.access.Access` from their hub groups and checks it
+Every handler resolves the user's :class:`runner.hub.access.Access` from their hub groups and checks it
 before touching a job, so run pages, notebook HTML, downloads, reruns and the live feed all answer
-403 for runs of other experiments. Jobs come from the status topic (``runner.state.follow``) folded
+403 for runs of other experiments. Jobs come from the status topic (``runner.bus.status.follow``) folded
 into a :class:`runner.portal.index.RunIndex`; reruns and defaults are published to Kafka, and the
 runner turns each rerun into a new version — older versions stay in the archive.
 """
@@ -28,17 +28,17 @@ from tornado import web
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
-from runner.access import Access
+from runner.bus.clients import Publisher
+from runner.bus.models import JobState, ReductionRequest, StatusEvent
+from runner.bus.status import StatusView, follow
+from runner.bus.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
 from runner.config import Settings
-from runner.defaults import ParameterDefaults, load_defaults
-from runner.kafka import Publisher
-from runner.models import JobState, ReductionRequest, StatusEvent
-from runner.paramspec import ParamSpec, specs, validate_form
+from runner.hub.access import Access
 from runner.portal.index import Run, RunFilter, RunIndex
 from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
-from runner.state import StatusView, follow
-from runner.templates import TemplateError, TemplateRegistry
-from runner.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
+from runner.templates.defaults import ParameterDefaults, load_defaults
+from runner.templates.params import ParamSpec, specs, validate_form
+from runner.templates.registry import TemplateError, TemplateRegistry
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent

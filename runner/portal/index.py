@@ -16,9 +16,9 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from runner.access import Access
-from runner.archive import run_label
-from runner.models import JobState, StatusEvent
+from runner.archive.store import run_label
+from runner.bus.models import JobState, StatusEvent
+from runner.hub.access import Access
 
 RunKey = tuple[str, str, str]  # instrument, RB, run label
 

@@ -25,10 +25,10 @@ from typing import Any, ClassVar, Literal
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
 from pydantic import BaseModel, Field, ValidationError
 
+from runner.bus.clients import Publisher, group_consumer, read_topic
+from runner.bus.models import DeadLetter, RunCompletion, WireModel, utcnow
+from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS, TRIGGER_STATE
 from runner.config import BrokerNotConfigured, Settings
-from runner.kafka import Publisher, group_consumer, read_topic
-from runner.models import DeadLetter, RunCompletion, WireModel, utcnow
-from runner.topics import DEAD_LETTER, RUN_COMPLETIONS, TRIGGER_STATE
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, TypeAdapter
 
+from runner.bus.clients import Publisher
+from runner.bus.models import InstrumentName, RunCompletion, WireModel, utcnow
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import InstrumentName, RunCompletion, WireModel, utcnow
-from runner.templates import TemplateRegistry
+from runner.isis.layout import (
+    LastRunError,
+    experiment_number,
+    find_data_file,
+    instrument_config,
+    lastrun_file,
+    read_lastrun,
+)
+from runner.templates.registry import TemplateRegistry
 from runner.triggers.base import TRANSIENT_ERRORS, Trigger, describe, stable_id, stop_on_signals
-from runner.triggers.isis import experiment_number, find_data_file, instrument_config, lastrun_file
 
 log = logging.getLogger(__name__)
 
@@ -38,32 +43,6 @@ class LastRunState(WireModel):
     instrument: str
     last_run: int
     updated: datetime = Field(default_factory=utcnow)
-
-
-class LastRunError(ValueError):
-    """``lastrun.txt`` could not be read or understood (after retries)."""
-
-
-def parse_lastrun(text: str) -> int:
-    """Run number of a ``lastrun.txt`` line such as ``MAR 25581 0`` (three fields, the second is the run)."""
-    fields = text.split()
-    if len(fields) != 3 or not fields[1].isdigit() or int(fields[1]) <= 0:
-        raise LastRunError(f"expected '<INST> <run> <n>', got {text.strip()[:80]!r}")
-    return int(fields[1])
-
-
-def read_lastrun(path: Path, retries: int = 5, delay: float = 0.2,
-                 sleep: Callable[[float], None] = time.sleep) -> int:
-    """Current run of ``path``; read errors and half-written contents are retried ``retries`` times."""
-    problem: Exception | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            sleep(delay)
-        try:
-            return parse_lastrun(path.read_text(encoding="ascii"))
-        except (OSError, ValueError) as exc:  # ValueError covers bad bytes and half-written lines
-            problem = exc
-    raise LastRunError(f"{path}: unreadable after {retries + 1} attempts: {describe(problem)}") from problem
 
 
 class LastRunWatcher(Trigger):

@@ -13,9 +13,9 @@ import json
 from confluent_kafka import Message
 from pydantic import ValidationError
 
+from runner.bus.clients import Publisher
+from runner.bus.models import RunCompletion
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import RunCompletion
 from runner.triggers.base import ConsumerTrigger, describe, message_time, stable_id
 
 DEFAULT_TOPIC = "data_ready"

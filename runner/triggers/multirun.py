@@ -17,11 +17,11 @@ from typing import Any, ClassVar, Literal
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from pydantic import Field, ValidationError
 
+from runner.bus.clients import client_config
+from runner.bus.models import InstrumentName, RBNumber, RunCompletion, WireModel, utcnow
+from runner.bus.topics import RUN_COMPLETIONS, TRIGGER_STATE
 from runner.config import Settings
-from runner.kafka import client_config
-from runner.models import InstrumentName, RBNumber, RunCompletion, WireModel, utcnow
-from runner.templates import MultiRunSpec, TemplateError, TemplateRegistry
-from runner.topics import RUN_COMPLETIONS, TRIGGER_STATE
+from runner.templates.registry import MultiRunSpec, TemplateError, TemplateRegistry
 from runner.triggers.base import Trigger, stable_id
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class MultiRunFired(WireModel):
 
 
 def declare(settings: Settings, declaration: MultiRunDeclaration) -> None:
-    from runner.kafka import Publisher
+    from runner.bus.clients import Publisher
 
     publisher = Publisher(settings)
     try:

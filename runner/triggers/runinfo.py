@@ -23,11 +23,11 @@ from streaming_data_types.run_start_pl72 import RunStartInfo, deserialise_pl72
 from streaming_data_types.run_stop_6s4t import RunStopInfo, deserialise_6s4t
 from streaming_data_types.utils import get_schema
 
+from runner.bus.clients import Publisher
+from runner.bus.models import RunCompletion, TriggerRef, WireModel, utcnow
 from runner.config import Settings
-from runner.kafka import Publisher
-from runner.models import RunCompletion, TriggerRef, WireModel, utcnow
+from runner.isis.layout import experiment_number, find_data_file, instrument_config, valid_rb
 from runner.triggers.base import ConsumerTrigger, describe, message_time, stable_id
-from runner.triggers.isis import experiment_number, find_data_file, instrument_config, valid_rb
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow,
 def runner(hub: Hub) -> Iterator[bool]:  # noqa: F811
     """The real runner in a thread, with the seeded runs' data files in place; False if it cannot start."""
     try:
-        from runner.runner import Runner
+        from runner.pipeline.consumer import Runner
     except ImportError:
         yield False
         return
@@ -93,7 +93,7 @@ def test_scientist_reruns_with_a_changed_parameter(browser, hub: Hub, runner: bo
     assert page.locator("#rerun-requested").count() == 1, (page.url, page.content()[:3000])
 
     if not runner:
-        pytest.skip("runner.runner is not available: the rerun was submitted, no new version can appear")
+        pytest.skip("runner.pipeline.consumer is not available: the rerun was submitted, no new version can appear")
     deadline = time.monotonic() + 180
     while "v2" not in page.inner_text("#versions"):
         assert time.monotonic() < deadline, "the rerun did not become version 2"

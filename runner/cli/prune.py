@@ -1,0 +1,49 @@
+"""``nbreduce prune``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import click
+
+from runner.archive.prune import PruneRefused, human_size, parse_duration, prune
+from runner.config import Settings
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, timedelta):
+            return value
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.command("prune")
+@click.option("--older-than", "older_than", type=DurationType(), required=True,
+              help="Remove versions that finished longer ago than this: <n>d, <n>w or <n>y.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed, with sizes; remove nothing.")
+@click.option("--instrument", "-i", default=None, help="Only this instrument's versions.")
+@click.option("--json", "as_json", is_flag=True)
+def prune_command(older_than: timedelta, dry_run: bool, instrument: str | None, as_json: bool) -> None:
+    """Remove old versions from the archive (never younger than NBREDUCE_ARCHIVE_MIN_AGE_DAYS)."""
+    try:
+        report = prune(Settings.from_env(), older_than, dry_run=dry_run, instrument=instrument)
+    except PruneRefused as exc:
+        raise click.BadParameter(str(exc), param_hint="'--older-than'") from None
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        for v in report.versions:
+            status = f"FAILED ({v.error})" if v.error else verb
+            click.echo(f"{status} {v.path}  {human_size(v.bytes)}  finished {v.finished_at:%Y-%m-%d}"
+                       f"{' (from mtime)' if v.age_from == 'mtime' else ''}")
+        click.echo(f"{verb} {report.total_versions} version(s), {human_size(report.total_bytes)} "
+                   f"finished before {report.cutoff:%Y-%m-%d %H:%M} UTC under {report.archive}"
+                   f"{f'; {len(report.in_progress)} in progress left alone' if report.in_progress else ''}")
+    if report.errors:
+        raise click.ClickException(f"{len(report.errors)} version(s) could not be removed")
