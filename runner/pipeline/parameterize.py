@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.bus.models import RunCompletion
-from runner.templates.params import RUN_PARAMETERS, check_values, specs
+from runner.templates.params import RUN_PARAMETERS, check_values
 from runner.templates.registry import Template
 
 
@@ -47,12 +47,17 @@ def build_parameters(template: Template, request: RunCompletion, rb_number: str,
     if fixed:
         names = ", ".join(fixed)
         raise ParameterError(f"parameter(s) {names} are set by nbreduce from the run and cannot be overridden")
+    constants = sorted(set(overrides) & set(template.config.constants))
+    if constants:
+        raise ParameterError(f"parameter(s) {', '.join(constants)} are constants of {template.instrument} "
+                             f"(instrument.toml) and cannot be overridden")
     parameters: dict[str, Any] = {}
     for source in (template.config.parameters, defaults or {}, overrides):
         parameters.update({k: v for k, v in source.items() if k in declared})
     # the same strict check as the rerun form: types, choices and ranges the template declares
-    _, errors = check_values(specs(declared), parameters)
+    _, errors = check_values(template.specs(), parameters)
     if errors:
         raise ParameterError("invalid parameter value(s): " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    parameters.update(template.config.constants)
     parameters.update({k: v for k, v in identity.items() if k in declared})
     return parameters

@@ -37,7 +37,7 @@ from runner.hub.access import Access
 from runner.portal.index import Run, RunFilter, RunIndex
 from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
 from runner.templates.defaults import ParameterDefaults, load_defaults
-from runner.templates.params import ParamSpec, specs, validate_form
+from runner.templates.params import ParamSpec, validate_form
 from runner.templates.registry import TemplateError, TemplateRegistry
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Portal:
     # -- jobs -----------------------------------------------------------------------------------
     def specs(self, instrument: str) -> list[ParamSpec]:
         """Form fields of the instrument's current template (TemplateError if none is usable)."""
-        return specs(self.registry.resolve(instrument).parameters())
+        return self.registry.resolve(instrument).specs()
 
     def version_dir(self, job: StatusEvent) -> Path | None:
         if not job.notebook:

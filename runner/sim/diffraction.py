@@ -9,7 +9,7 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from runner.sim.nexus import nx_field
+from runner.sim.nexus import EventNexusRuns, nx_field
 from runner.sim.physics import (
     TOF_PER_M_A,
     Bank,
@@ -52,7 +52,7 @@ SILICON_A = 5.43102  # Å, NIST SRM 640 lattice parameter
 
 
 @dataclass(frozen=True)
-class PowderDiffractometer:
+class PowderDiffractometer(EventNexusRuns):
     """WISH-like: 40 m flight path, 10 Hz target station, five banks of tubes from 27° to 153° in 2θ.
 
     Events come from the Bragg peaks of silicon (diamond structure, ``SILICON_A``) weighted by the

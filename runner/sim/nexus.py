@@ -139,3 +139,11 @@ def write_nexus(path: Path, model: InstrumentModel, name: str, short_name: str, 
 
         model.write_extras(entry, instrument)
     return path
+
+
+class EventNexusRuns:
+    """Mixin of event-mode instrument models: each run is an ISIS event NeXus file."""
+
+    def write(self: InstrumentModel, path: Path, *, run: int, rb_number: str, short_name: str, events: int,
+              title: str, seed: int | None = None) -> Path:
+        return write_nexus(path, self, self.name, short_name, run, rb_number, events=events, title=title, seed=seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Protocol
 
 import h5py
@@ -93,8 +94,27 @@ def categorical(rng: np.random.Generator, weights: np.ndarray, n: int) -> np.nda
     return np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right"), cdf.size - 1)
 
 
-class InstrumentModel(Protocol):
-    """What the file writer needs from an instrument: geometry, events and its own metadata."""
+class SimulatedInstrument(Protocol):
+    """What ``nbreduce simulate`` needs of an instrument model: run numbering, titles and its file format.
+
+    Models are (frozen) dataclasses built by :func:`runner.sim.runs.instrument_model` from the
+    instrument's ``instrument.toml``: its ``[constants]`` set the dataclass fields of the same name.
+    """
+
+    name: str
+    first_run: int
+
+    def title(self, run: int) -> str: ...
+
+    def write(self, path: Path, *, run: int, rb_number: str, short_name: str, events: int, title: str,
+              seed: int | None = None) -> Path:
+        """Write one run's data file at ``path`` (atomically) in the format the real instrument writes."""
+        ...
+
+
+class InstrumentModel(SimulatedInstrument, Protocol):
+    """An event-mode neutron instrument, as :func:`runner.sim.nexus.write_nexus` needs it: geometry,
+    events, monitors and its own metadata."""
 
     source_frequency: float  # Hz
     l1: float  # moderator to sample (m)

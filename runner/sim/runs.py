@@ -6,6 +6,7 @@ line a watcher polls, then the ``data_ready``-compatible run completion on Kafka
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -19,8 +20,7 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
-from runner.sim.nexus import write_nexus
-from runner.sim.physics import InstrumentModel
+from runner.sim.physics import SimulatedInstrument
 from runner.sim.spectroscopy import ChopperSpectrometer
 from runner.templates.registry import InstrumentConfig, TemplateRegistry
 
@@ -28,33 +28,50 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS = 200_000
 
-#: Models by instrument name; other instruments get one chosen by the ``technique`` of their config.
-MODELS: dict[str, type[PowderDiffractometer] | type[ChopperSpectrometer]] = {
+#: Simulation model of each technique family (``family`` in instrument.toml).
+FAMILIES: dict[str, type[SimulatedInstrument]] = {
+    "powder-diffraction": PowderDiffractometer,
+    "direct-spectroscopy": ChopperSpectrometer,
+}
+#: Models of instruments with a notebook of their own and no family, by name.
+MODELS: dict[str, type[SimulatedInstrument]] = {
     "WISH": PowderDiffractometer,
     "MARI": ChopperSpectrometer,
 }
 
 
-def instrument_model(config: InstrumentConfig) -> InstrumentModel:
-    """The simulation model of ``config``'s instrument (spectrometers by technique, diffraction otherwise)."""
-    return _model(config.name, config.technique.lower())
+class UnknownInstrument(LookupError):
+    """No simulation model for an instrument: its ``family`` is not simulated."""
 
 
-@lru_cache(maxsize=16)
-def _model(name: str, technique: str) -> InstrumentModel:
+def instrument_model(config: InstrumentConfig) -> SimulatedInstrument:
+    """The simulation model of ``config``'s instrument; its ``[constants]`` and ``[simulation]`` tables set the
+    model's fields of the same names (unknown names are ignored: templates may need more constants)."""
+    return _model(config.model_dump_json(include={"name", "family", "technique", "constants", "simulation"}))
+
+
+@lru_cache(maxsize=64)
+def _model(config_json: str) -> SimulatedInstrument:
     # cached: geometry and rate tables are built once per instrument, not once per run
-    if name in MODELS:
-        return MODELS[name]()
-    if "spectro" in technique or "inelastic" in technique:
-        return ChopperSpectrometer(name=name, first_run=1)
-    return PowderDiffractometer(name=name, first_run=1)
+    config = InstrumentConfig.model_validate_json(config_json)
+    cls = FAMILIES.get(config.family or "") or MODELS.get(config.name)
+    if cls is None:  # legacy configurations without a family: by technique text
+        technique = config.technique.lower()
+        cls = ChopperSpectrometer if "spectro" in technique or "inelastic" in technique else PowderDiffractometer
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in {**config.constants, **config.simulation}.items() if k in known}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}  # frozen dataclasses
+    if config.name not in MODELS and "first_run" not in values:
+        values["first_run"] = 1
+    return cls(name=config.name, **values)
 
 
 def write_run_file(path: Path, config: InstrumentConfig, run: int, rb_number: str, *, events: int, title: str,
                    seed: int | None = None) -> Path:
     """The data file of one run of ``config``'s instrument, at ``path``, in the format its real files have."""
-    return write_nexus(path, instrument_model(config), config.name, config.file_prefix or config.name, run,
-                       rb_number, events=events, title=title, seed=seed)
+    return instrument_model(config).write(path, run=run, rb_number=rb_number,
+                                          short_name=config.file_prefix or config.name, events=events, title=title,
+                                          seed=seed)
 
 
 def write_run(data_root: Path, config: InstrumentConfig, run: int, rb_number: str, *, events: int, title: str,

@@ -8,12 +8,12 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from runner.sim.nexus import nx_field, nx_group
+from runner.sim.nexus import EventNexusRuns, nx_field, nx_group
 from runner.sim.physics import E_PER_K2, Bank, Monitor, categorical, speed, tube_bank
 
 
 @dataclass(frozen=True)
-class ChopperSpectrometer:
+class ChopperSpectrometer(EventNexusRuns):
     """MARI-like direct-geometry spectrometer: Fermi chopper selects Ei, detectors at 4 m from 3° to 134°.
 
     Events: an elastic line (incoherent, Debye–Waller falling with Q), a dispersionless crystal-field

@@ -1,22 +1,26 @@
-"""Typed template parameters: specs from papermill's inspection, strict checks, form parsing.
+"""Typed template parameters: specs from papermill's inspection, checked by pydantic, parsed from form text.
 
 papermill's inspection gives each parameter's name, annotation (``inferred_type_name``), default
 (source text) and help comment. From them :func:`specs` builds a :class:`ParamSpec` per parameter:
 kind from the annotation, else from the default's literal; enums and ranges from the help comment
-(``# one of: a, b`` / ``# range: 0..10``). Form input is parsed strictly into JSON values — never
-evaluated — so whatever a user types reaches papermill as data, which writes it as a Python literal.
+(``# one of: a, b`` / ``# range: 0..10``); ``# (advanced) ...`` puts the field in the form's collapsed
+section. Checking is pydantic's, in strict mode: each spec becomes an annotated type (``Literal`` for
+choices, ``Field(ge, le)`` for ranges, finite floats, bounded text and lists) and a template's editable
+parameters one model (:func:`parameters_model`). Form input is parsed strictly into JSON values —
+never evaluated — so whatever a user types reaches papermill as data, which writes it as a Python literal.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import math
 import re
-from collections.abc import Mapping
-from typing import Any, Literal
+import typing
+from collections.abc import Collection, Mapping
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, create_model
 
 #: Names nbreduce sets from the run itself when the template declares them (never user-editable).
 RUN_PARAMETERS = ("data_file", "data_files", "run_number", "run_numbers", "rb_number", "instrument", "run_title",
@@ -28,13 +32,24 @@ ItemKind = Literal["bool", "int", "float", "str"]
 MAX_TEXT = 10_000  # characters of one submitted value
 MAX_ITEMS = 1_000  # items of one list
 MAX_INT = 2**63 - 1
+ADVANCED_MARK = "(advanced)"
 _INT_RE = re.compile(r"^[+-]?[0-9]{1,19}$")
 _FLOAT_RE = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$")
 _CHOICES_RE = re.compile(r"one of:\s*(?P<values>[^;#]+)", re.IGNORECASE)
 _RANGE_RE = re.compile(
     r"range:\s*(?P<lo>[+-]?[0-9.eE+-]+)?\s*\.\.\s*(?P<hi>[+-]?[0-9.eE+-]*[0-9.])?", re.IGNORECASE)
 _BOOL_TEXT = {"true": True, "false": False}
-_SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+_SCALAR_TYPES: dict[str, type] = {"bool": bool, "int": int, "float": float, "str": str}
+#: The strict, bounded pydantic type of each scalar kind.
+_CHECKED: dict[str, Any] = {
+    "bool": bool,
+    "int": Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)],
+    "float": Annotated[float, Field(allow_inf_nan=False)],
+    "str": Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=r"^[^\x00]*$")],
+}
+#: Names an annotation in a template may use; anything else makes the parameter unsupported in forms.
+_ANNOTATION_NAMES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "List": list,
+                     "Optional": typing.Optional, "typing": typing, "None": None}
 
 
 class ParamError(ValueError):
@@ -53,10 +68,12 @@ class ParamSpec(BaseModel):
     choices: list[Any] | None = None
     minimum: float | None = None
     maximum: float | None = None
-    #: Set by nbreduce from the run (data file, run number...): shown, never editable.
+    #: Set by nbreduce from the run (data file, run number...) or an instrument constant: shown, never editable.
     fixed: bool = False
     #: The template's type is not one a form can edit (dicts, objects): shown, never editable.
     unsupported: bool = False
+    #: Shown in the form's collapsed "advanced" section (help comment starting with ``(advanced)``).
+    advanced: bool = False
 
     @property
     def editable(self) -> bool:
@@ -66,6 +83,27 @@ class ParamSpec(BaseModel):
     def type_label(self) -> str:
         label = f"list[{self.item_kind}]" if self.kind == "list" else self.kind
         return f"{label} | None" if self.optional else label
+
+    # -- checking JSON values -------------------------------------------------------------------
+    def annotation(self) -> Any:
+        """The pydantic type of this parameter: kind, choices, range, bounds and optionality."""
+        scalar_kind = (self.item_kind or "str") if self.kind == "list" else self.kind
+        scalar: Any = _CHECKED[scalar_kind]
+        if self.choices is not None:
+            scalar = Literal[tuple(self.choices)]
+        elif scalar_kind in ("int", "float") and (self.minimum is not None or self.maximum is not None):
+            scalar = Annotated[scalar, Field(ge=self.minimum, le=self.maximum)]
+        checked = Annotated[list[scalar], Field(max_length=MAX_ITEMS)] if self.kind == "list" else scalar
+        return checked | None if self.optional else checked
+
+    def check(self, value: Any) -> Any:
+        """Strict type, enum and range check of a JSON value (form-parsed or from an API body)."""
+        if value is None and not self.optional:
+            raise ParamError("a value is required")
+        try:
+            return _adapter(self.model_dump_json(include=_TYPE_FIELDS)).validate_python(value, strict=True)
+        except ValidationError as exc:
+            raise ParamError(describe_errors(exc)) from None
 
     # -- parsing form text ----------------------------------------------------------------------
     def parse(self, raw: str) -> Any:
@@ -103,44 +141,6 @@ class ParamSpec(BaseModel):
             items.pop()  # tolerate a trailing comma
         return [_parse_scalar(item_kind, _unquote(item) if item_kind == "str" else item) for item in items]
 
-    # -- checking JSON values -------------------------------------------------------------------
-    def check(self, value: Any) -> Any:
-        """Strict type, enum and range check of a JSON value (form-parsed or from an API body)."""
-        if value is None:
-            if self.optional:
-                return None
-            raise ParamError("a value is required")
-        if self.kind == "list":
-            if not isinstance(value, list):
-                raise ParamError("expected a list")
-            if len(value) > MAX_ITEMS:
-                raise ParamError(f"too many items ({len(value)}, at most {MAX_ITEMS})")
-            return [self._check_scalar(self.item_kind or "str", item, f"item {i + 1}: ")
-                    for i, item in enumerate(value)]
-        return self._check_scalar(self.kind, value, "")
-
-    def _check_scalar(self, kind: str, value: Any, where: str) -> Any:
-        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        expected = _SCALAR_TYPES[kind]
-        if type(value) is not expected:  # bool is not an int here, and no subclasses sneak through
-            raise ParamError(f"{where}expected {kind}, got {type(value).__name__}")
-        if kind == "str":
-            if len(value) > MAX_TEXT or "\x00" in value:
-                raise ParamError(f"{where}text too long or contains NUL")
-        elif kind == "int" and abs(value) > MAX_INT:
-            raise ParamError(f"{where}integer out of range")
-        elif kind == "float" and not math.isfinite(value):
-            raise ParamError(f"{where}must be a finite number")
-        if self.choices is not None and value not in self.choices:
-            raise ParamError(f"{where}must be one of: {', '.join(map(str, self.choices))}")
-        if kind in ("int", "float"):
-            if self.minimum is not None and value < self.minimum:
-                raise ParamError(f"{where}must be >= {_num(self.minimum)}")
-            if self.maximum is not None and value > self.maximum:
-                raise ParamError(f"{where}must be <= {_num(self.maximum)}")
-        return value
-
     # -- showing values -------------------------------------------------------------------------
     def format(self, value: Any) -> str:
         """A value as form text that :meth:`parse` reads back to the same value."""
@@ -151,6 +151,37 @@ class ParamSpec(BaseModel):
         if self.kind == "list" or not isinstance(value, str):
             return json.dumps(value)
         return value
+
+
+_TYPE_FIELDS = {"kind", "item_kind", "optional", "choices", "minimum", "maximum"}
+
+
+@lru_cache(maxsize=1024)
+def _adapter(type_json: str) -> TypeAdapter:
+    """Type adapters are costly to build and specs repeat: one per distinct type."""
+    return TypeAdapter(ParamSpec(name="value", **json.loads(type_json)).annotation())
+
+
+def describe_errors(exc: ValidationError, limit: int = 5) -> str:
+    """pydantic's errors as one line of ``where: problem`` (``where`` left out for a bare value)."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    return "; ".join(parts)
+
+
+def parameters_model(fields: list[ParamSpec], name: str = "TemplateParameters") -> type[BaseModel]:
+    """A strict pydantic model of a template's editable parameters (unknown names are errors)."""
+    return _model(name, tuple(spec.model_dump_json(include={"name", *_TYPE_FIELDS}) for spec in fields
+                              if spec.editable))
+
+
+@lru_cache(maxsize=256)
+def _model(name: str, specs_json: tuple[str, ...]) -> type[BaseModel]:
+    fields = [ParamSpec.model_validate_json(text) for text in specs_json]
+    return create_model(name, __config__=ConfigDict(strict=True, extra="forbid"),
+                        **{spec.name: (spec.annotation(), None) for spec in fields})
 
 
 def _num(value: float) -> str:
@@ -197,30 +228,40 @@ def _kind_of(value: Any) -> str | None:
 
 
 def _from_annotation(annotation: str) -> tuple[str | None, str | None, bool]:
-    """(kind, item kind, optional) from an annotation such as ``list[int]`` or ``Optional[float]``."""
-    text = annotation.replace(" ", "")
-    optional = False
-    match = re.fullmatch(r"(?:typing\.)?Optional\[(.+)\]", text)
-    if match:
-        text, optional = match.group(1), True
-    parts = [p for p in text.split("|") if p]
-    if "None" in parts and len(parts) > 1:
-        parts.remove("None")
-        optional = True
-    text = parts[0] if len(parts) == 1 else ""
-    if text in _SCALAR_TYPES:
-        return text, None, optional
-    match = re.fullmatch(r"(?:typing\.)?(?:list|List)(?:\[(\w+)\])?", text)
-    if match:
-        item = match.group(1)
-        return "list", item if item in _SCALAR_TYPES else None, optional
-    return None, None, optional
+    """(kind, item kind, optional) of a template's annotation such as ``list[int]`` or ``float | None``.
+
+    The annotation is the template's own source (trusted like the rest of the template), evaluated with
+    the few names a form can represent; typing's introspection does the rest.
+    """
+    try:
+        hint = eval(annotation, {"__builtins__": {}}, dict(_ANNOTATION_NAMES))
+    except Exception:
+        return None, None, False
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(hint))
+    if optional:
+        if len(args) != 1:
+            return None, None, True
+        hint = args[0]
+    origin = typing.get_origin(hint)
+    if hint is list or origin is list:
+        [item] = typing.get_args(hint) or [None]
+        item_kind = _kind_of_type(item)
+        return "list", item_kind, optional
+    return _kind_of_type(hint), None, optional
 
 
-def spec_from_inspection(name: str, info: Mapping[str, Any]) -> ParamSpec:
+def _kind_of_type(hint: Any) -> str | None:
+    return next((kind for kind, cls in _SCALAR_TYPES.items() if hint is cls), None)
+
+
+def spec_from_inspection(name: str, info: Mapping[str, Any], fixed: bool = False) -> ParamSpec:
     """One :class:`ParamSpec` from papermill's ``{inferred_type_name, default, help}``."""
     annotation = str(info.get("inferred_type_name") or "None")
-    help_text = str(info.get("help") or "")
+    help_text = str(info.get("help") or "").strip()
+    advanced = help_text.lower().startswith(ADVANCED_MARK)
+    if advanced:
+        help_text = help_text[len(ADVANCED_MARK):].strip()
     ok, default = _literal(str(info.get("default", "None")))
     kind, item_kind, optional = (None, None, False) if annotation == "None" else _from_annotation(annotation)
     if kind is None:
@@ -242,7 +283,8 @@ def spec_from_inspection(name: str, info: Mapping[str, Any]) -> ParamSpec:
             kind = None  # mixed or nested lists cannot be typed safely
     spec = ParamSpec(name=name, kind=kind or "str", item_kind=item_kind if kind == "list" else None,
                      optional=optional or (ok and default is None), default=default if ok else None,
-                     help=help_text, fixed=name in RUN_PARAMETERS, unsupported=kind is None)
+                     help=help_text, fixed=fixed or name in RUN_PARAMETERS, unsupported=kind is None,
+                     advanced=advanced)
     _apply_help_constraints(spec)
     return spec
 
@@ -263,9 +305,9 @@ def _apply_help_constraints(spec: ParamSpec) -> None:
         spec.maximum = float(hi) if hi and _FLOAT_RE.match(hi) else None
 
 
-def specs(parameters: Mapping[str, Mapping[str, Any]]) -> list[ParamSpec]:
-    """Specs of all parameters, in the template's order."""
-    return [spec_from_inspection(name, info) for name, info in parameters.items()]
+def specs(parameters: Mapping[str, Mapping[str, Any]], fixed: Collection[str] = ()) -> list[ParamSpec]:
+    """Specs of all parameters, in the template's order; ``fixed`` names (instrument constants) are not editable."""
+    return [spec_from_inspection(name, info, fixed=name in fixed) for name, info in parameters.items()]
 
 
 def validate_form(fields: list[ParamSpec], form: Mapping[str, str], *, keep_blank: bool = False
@@ -291,17 +333,20 @@ def validate_form(fields: list[ParamSpec], form: Mapping[str, str], *, keep_blan
 
 
 def check_values(fields: list[ParamSpec], values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Check JSON values (API bodies, stored defaults): unknown or non-editable names are errors."""
-    by_name = {spec.name: spec for spec in fields}
-    checked: dict[str, Any] = {}
+    """Check JSON values (API bodies, stored defaults, requests from Kafka) against the template's model.
+
+    Unknown or non-editable names are errors; a missing value means "the template's default".
+    """
+    model = parameters_model(fields)
     errors: dict[str, str] = {}
-    for name, value in values.items():
-        spec = by_name.get(name)
-        if spec is None or not spec.editable:
-            errors[name] = "not an editable parameter of this template"
-            continue
-        try:
-            checked[name] = spec.check(value)
-        except ParamError as exc:
-            errors[name] = str(exc)
-    return checked, errors
+    try:
+        checked = model.model_validate(dict(values))
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error.get("loc") else "parameters"
+            where = ".".join(str(p) for p in error["loc"][1:])
+            message = "not an editable parameter of this template" if error["type"] == "extra_forbidden" \
+                else (f"item {int(where) + 1}: " if where.isdigit() else f"{where}: " if where else "") + error["msg"]
+            errors.setdefault(name, message)
+        return {k: v for k, v in values.items() if k not in errors}, errors
+    return {name: getattr(checked, name) for name in values}, {}

@@ -1,7 +1,11 @@
-"""Instrument templates: ``notebooks/<INSTRUMENT>/reduce.ipynb`` plus ``instrument.toml``.
+"""Instrument templates: ``notebooks/<INSTRUMENT>/instrument.toml`` plus the template notebook it runs.
 
-The folder is the unit an instrument scientist owns: the notebook is the reduction, the TOML says
-whether it is enabled, which environment/kernel runs it, its time limit and default parameters.
+The folder is the unit an instrument scientist owns: the TOML says whether the instrument is enabled,
+which environment/kernel runs it, its time limit, its constants and default parameters. The notebook is
+the instrument's own ``reduce.ipynb`` when the folder has one, else its technique family's
+(``notebooks/techniques/<family>/reduce.ipynb``, named by ``family``), so adding an instrument of a known
+family is a configuration file, not a new notebook. Constants (flight paths, banks, analyser energy...)
+are injected like the run's identity and are never editable in a rerun.
 Parameters are read with papermill's own inspection, so what the runner injects, what the rerun
 form offers and what a scientist sees in the parameters cell are one and the same.
 """
@@ -18,7 +22,12 @@ from typing import Any
 import papermill
 from pydantic import BaseModel, Field, ValidationError
 
+from runner.kernels.environments import kernel_name
+from runner.templates.params import ParamSpec, specs
+
 DEFAULT_TEMPLATE = "reduce"
+#: Folder of the technique families' shared templates, under the notebooks root.
+TECHNIQUES_DIR = "techniques"
 TEMPLATE_NAME = f"{DEFAULT_TEMPLATE}.ipynb"
 CONFIG_NAME = "instrument.toml"
 _INSTRUMENT_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,31}$")
@@ -54,6 +63,8 @@ class InstrumentConfig(BaseModel):
     name: str
     description: str = ""
     technique: str = ""
+    #: Technique family whose shared template runs when the folder has no notebook of its own.
+    family: str | None = Field(None, pattern=r"^[a-z][a-z0-9-]{0,63}$")
     enabled: bool = True
     #: Processing environment (``environments/<name>``); its kernel is ``nbreduce-<name>``.
     environment: str | None = None
@@ -66,6 +77,11 @@ class InstrumentConfig(BaseModel):
     run_digits: int = Field(8, ge=1, le=12)
     #: Defaults injected on every run; they override the template's own defaults.
     parameters: dict[str, Any] = Field(default_factory=dict)
+    #: The instrument's constants, injected on every run and never overridden (rerun forms show them fixed).
+    constants: dict[str, Any] = Field(default_factory=dict)
+    #: Settings of the simulated instrument only (``nbreduce simulate``: first run, sample, rates...);
+    #: constants of the same name as a simulation model's fields set those too.
+    simulation: dict[str, Any] = Field(default_factory=dict)
     #: Multi-run jobs (sum, stitch) that fire when all their runs have completed.
     multi_run: list[MultiRunSpec] = Field(default_factory=list)
 
@@ -79,6 +95,8 @@ class Template(BaseModel):
     instrument: str
     name: str = "reduce"
     path: Path
+    #: The technique family whose shared template this is (None: the instrument's own notebook).
+    family: str | None = None
     config: InstrumentConfig
     content_hash: str
 
@@ -90,7 +108,11 @@ class Template(BaseModel):
     def kernel_name(self) -> str | None:
         if self.config.kernel:
             return self.config.kernel
-        return f"nbreduce-{self.config.environment}" if self.config.environment else None
+        return kernel_name(self.config.environment) if self.config.environment else None
+
+    def specs(self) -> list[ParamSpec]:
+        """The rerun form's fields: the template's parameters, the instrument's constants fixed."""
+        return specs(self.parameters(), fixed=self.config.constants)
 
 
 @lru_cache(maxsize=64)
@@ -110,9 +132,16 @@ class TemplateRegistry:
         self.root = Path(root)
 
     def instruments(self) -> list[str]:
+        """Instrument folders: an instrument name holding its own template or an ``instrument.toml``."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / TEMPLATE_NAME).is_file())
+        return sorted(p.name for p in self.root.iterdir() if _INSTRUMENT_RE.match(p.name)
+                      and ((p / TEMPLATE_NAME).is_file() or (p / CONFIG_NAME).is_file()))
+
+    def families(self) -> list[str]:
+        """Technique families with a shared template."""
+        folder = self.root / TECHNIQUES_DIR
+        return sorted(p.name for p in folder.iterdir() if (p / TEMPLATE_NAME).is_file()) if folder.is_dir() else []
 
     def config(self, instrument: str) -> InstrumentConfig:
         if not _INSTRUMENT_RE.match(instrument):
@@ -133,9 +162,18 @@ class TemplateRegistry:
         name = name or DEFAULT_TEMPLATE
         if not _TEMPLATE_RE.match(name):
             raise TemplateError(f"invalid template name {name!r}")
-        path = self.root / instrument / f"{name}.ipynb"
+        own = self.root / instrument / f"{name}.ipynb"
+        family = None if own.is_file() else config.family
+        path = own if family is None else self.root / TECHNIQUES_DIR / family / f"{name}.ipynb"
         if not path.is_file():
-            raise TemplateError(f"no template {name!r} for instrument {instrument} (expected {path})")
+            where = f"{own}" + (f" or {path} (family {family})" if family else "")
+            raise TemplateError(f"no template {name!r} for instrument {instrument} (expected {where})")
         if not config.enabled:
             raise TemplateError(f"instrument {instrument} is disabled in {CONFIG_NAME}")
-        return Template(instrument=instrument, name=name, path=path, config=config, content_hash=file_hash(path))
+        template = Template(instrument=instrument, name=name, path=path, family=family, config=config,
+                            content_hash=file_hash(path))
+        undeclared = sorted(set(config.constants) - set(template.parameters()))
+        if undeclared:
+            raise TemplateError(f"{instrument}: constants {', '.join(undeclared)} in {CONFIG_NAME} are not "
+                                f"parameters of {path.name}")
+        return template
