@@ -11,11 +11,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import papermill
 import pytest
 
 from runner.sim import instrument_model, write_run_file
-from runner.templates.registry import TEMPLATE_NAME, TemplateError, TemplateRegistry
+from runner.templates.registry import TemplateError, TemplateRegistry
 
 NOTEBOOKS = Path(__file__).resolve().parent
 SAMPLE_DIR = "sample_data"
@@ -32,23 +31,32 @@ def _default(parameters: dict[str, dict], name: str):
 
 
 def write_sample_data(root: Path = NOTEBOOKS) -> list[Path]:
-    """Simulate the default ``data_file`` of each template that keeps it under ``sample_data/``."""
+    """Simulate the default ``data_file`` of each template that keeps it under ``sample_data/``.
+
+    An instrument's own template gets a run of that instrument; a technique family's shared template
+    (``techniques/<family>/``) a run of the family's first instrument (alphabetically).
+    """
     registry = TemplateRegistry(root)
     written = []
+    seen: set[Path] = set()
     for instrument in registry.instruments():
-        parameters = papermill.inspect_notebook(str(root / instrument / TEMPLATE_NAME))
+        try:
+            template = registry.resolve(instrument)
+        except TemplateError:
+            continue
+        if template.path in seen:
+            continue
+        seen.add(template.path)
+        parameters = template.parameters()
         data_file = _default(parameters, "data_file")
         if not isinstance(data_file, str) or Path(data_file).parts[:1] != (SAMPLE_DIR,):
-            continue
-        try:
-            config = registry.config(instrument)
-        except TemplateError:
             continue
         run = _default(parameters, "run_number")
         run = run if isinstance(run, int) and run > 0 else 1
         # fixed seed: every session reduces the same events, so a failure can be reproduced
-        written.append(write_run_file(root / instrument / data_file, config, run, SAMPLE_RB, events=SAMPLE_EVENTS,
-                                      title=instrument_model(config).title(run), seed=run))
+        written.append(write_run_file(template.path.parent / data_file, template.config, run, SAMPLE_RB,
+                                      events=SAMPLE_EVENTS, title=instrument_model(template.config).title(run),
+                                      seed=run))
     return written
 
 

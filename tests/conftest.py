@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,14 +59,32 @@ def durable_broker(settings: Settings) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """One shared home with the ``minimal`` environment built from the repository's spec (once a session)."""
+def build_environment(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Settings]:
+    """Build a processing environment of the repository (once a session) into one shared home.
+
+    Returns the Settings of that home: its ``jupyter/kernels`` hold every environment built so far, so a
+    runner started on it (``NBREDUCE_HOME``) runs templates in their own environments' kernels.
+    """
     from runner.kernels import environments
 
-    settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path_factory.getbasetemp() / "nbreduce-minimal-home")})
-    [result] = environments.build(settings, ["minimal"], root=REPO / "environments")
-    assert result.status in ("built", "unchanged"), result.message
-    return settings
+    home = tmp_path_factory.getbasetemp() / "nbreduce-environments-home"
+    settings = Settings.from_env({"NBREDUCE_HOME": str(home)})
+    done: set[str] = set()
+
+    def build(name: str) -> Settings:
+        if name not in done:
+            [result] = environments.build(settings, [name], root=REPO / "environments")
+            assert result.status in ("built", "unchanged"), result.message
+            done.add(name)
+        return settings
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def built(build_environment: Callable[[str], Settings]) -> Settings:
+    """The shared home with the ``minimal`` environment built from the repository's spec."""
+    return build_environment("minimal")
 
 
 @pytest.fixture

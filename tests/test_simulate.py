@@ -13,12 +13,12 @@ import scippnexus as snx
 from scippneutron.conversion.graph import beamline, tof
 
 from runner import sim
-from runner.sim import nexus
 from runner.bus.clients import read_topic
 from runner.bus.models import RunCompletion
 from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, lastrun_file, read_lastrun
+from runner.sim import nexus
 from runner.templates.registry import InstrumentConfig, TemplateError
 
 MARI = InstrumentConfig(name="MARI", technique="direct geometry spectroscopy", file_prefix="MAR", run_digits=5)
