@@ -137,7 +137,7 @@ def run_child(env: dict[str, str], phases: bool = False) -> dict:
 def measure(storage: str, events: int, repeat: int) -> list[tuple[str, str]]:
     work = Path(tempfile.mkdtemp(prefix="nbreduce-bench-state-"))
     env = {**os.environ, "NBREDUCE_HOME": str(work / "home")}
-    env.pop("NBREDUCE_BOOTSTRAP_SERVERS", None)
+    env.pop("NBREDUCE_BROKER__BOOTSTRAP_SERVERS", None)
     settings = Settings.from_env(env)
     broker = EmbeddedBroker(settings)
     broker.start(memory=storage == "memory")

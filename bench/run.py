@@ -30,10 +30,10 @@ import psutil
 from runner.bus.clients import Publisher
 from runner.bus.embedded import EmbeddedBroker
 from runner.bus.models import ReductionRequest, StatusEvent
-from runner.bus.status import StatusView, follow
+from runner.bus.status import StatusView
 from runner.bus.topics import REDUCTION_REQUESTS
 from runner.config import Settings
-from runner.pipeline.submit import request_job_id
+from runner.pipeline.reduce import request_job_id
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 @contextmanager
 def runner_process(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     """``nbreduce runner`` as its own process, as in production."""
-    process = subprocess.Popen([sys.executable, "-m", "runner.cli.main", "-v", "runner"], env=env,
+    process = subprocess.Popen([sys.executable, "-m", "runner.cli", "-v", "runner"], env=env,
                                stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
         yield process
@@ -71,7 +71,7 @@ class Tracker:
         self.final: dict[str, tuple[float, StatusEvent]] = {}
         self.stop = threading.Event()
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=follow, args=(settings, StatusView(), self.stop, self._on), daemon=True)
+        self.thread = threading.Thread(target=StatusView(settings).follow, args=(self.stop, self._on), daemon=True)
         self.thread.start()
 
     def _on(self, event: StatusEvent) -> None:
@@ -118,7 +118,7 @@ def main() -> None:
         if (REPO / "notebooks" / inst).is_dir():
             shutil.copytree(REPO / "notebooks" / inst, notebooks / inst, ignore=shutil.ignore_patterns("sample_*"))
     env = {**os.environ, "NBREDUCE_HOME": str(work / "home"), "NBREDUCE_NOTEBOOKS": str(notebooks),
-           "NBREDUCE_DATA_ROOTS": str(work / "home" / "data"), "NBREDUCE_MAX_PARALLEL": "2"}
+           "NBREDUCE_DATA_ROOTS": str(work / "home" / "data"), "NBREDUCE_RUNNER__MAX_PARALLEL": "2"}
     settings = Settings.from_env(env)
     data = settings.data_roots[0]
     data.mkdir(parents=True)
@@ -150,7 +150,7 @@ def main() -> None:
     broker.start(memory=True)
     try:
         for mode, warm, fork in (("cold", "0", "0"), ("warm", "auto", "1")):
-            with runner_process({**env, "NBREDUCE_WARM_KERNELS": warm, "NBREDUCE_FORK_SERVERS": fork},
+            with runner_process({**env, "NBREDUCE_KERNELS__WARM": warm, "NBREDUCE_KERNELS__FORK_SERVERS": fork},
                                 work / f"runner-{mode}.log") as runner:
                 tracker = Tracker(settings)
                 publisher = Publisher(settings)
@@ -205,7 +205,7 @@ def main() -> None:
                "Broker: embedded Tansu (memory storage); runner as its own process (2 reductions in parallel); "
                "templates in the `scipp` environment (kernel `nbreduce-scipp`). *Warm*: kernels from the pool, "
                "the environment's imports done (forked from the environment's fork server), one kernel per run; "
-               "*cold*: a kernel launched for each run (`NBREDUCE_WARM_KERNELS=0 NBREDUCE_FORK_SERVERS=0`).\n\n"
+               "*cold*: a kernel launched for each run (`NBREDUCE_KERNELS__WARM=0 NBREDUCE_FORK_SERVERS=0`).\n\n"
                f"| measurement | result |\n|---|---|\n{table}\n")
     print(section)
     _write_section(args.output, "Core pipeline", section)

@@ -1,10 +1,10 @@
 # JupyterHub configuration of the nbreduce demo hub (`nbreduce hub`, `nbreduce demo`).
 #
-# Everything is read from the environment that `runner.hub.launch.hub_environment` prepares, so the same file
+# Everything comes from nbreduce's settings (NBREDUCE_* variables, `runner.config.Settings`), which
+# `runner.hub.launch.hub_environment` fills in for `nbreduce hub` / `nbreduce demo`, so the same file
 # serves a laptop, CI and the tests. Production: keep this file and override the authenticator and
 # spawner as shown in production_example.py (docs/hub.md explains the access model).
 # ruff: noqa: F821  (`c` is injected by JupyterHub)
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,18 +13,16 @@ from runner.config import Settings
 from runner.hub.launch import hub_config_dir, hub_dir, proxy_command
 from runner.hub.spawn import pre_spawn_hook
 
-settings = Settings.from_env()
+settings = Settings()
+hub = settings.hub
 state = hub_dir(settings)
 state.mkdir(parents=True, exist_ok=True)
-env = os.environ
-ip = env.get("NBREDUCE_HUB_IP", "127.0.0.1")
 
 # -- network: public proxy port, internal hub API and proxy API on loopback --------------------------
-c.JupyterHub.bind_url = f"http://{ip}:{env.get('NBREDUCE_HUB_PORT', '8000')}"
-c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{env.get('NBREDUCE_HUB_API_PORT', '8081')}"
-c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{env.get('NBREDUCE_PROXY_API_PORT', '8001')}"
-c.ConfigurableHTTPProxy.command = json.loads(env["NBREDUCE_PROXY_COMMAND"]) if "NBREDUCE_PROXY_COMMAND" in env \
-    else proxy_command()
+c.JupyterHub.bind_url = f"http://{hub.ip}:{hub.port}"
+c.JupyterHub.hub_bind_url = f"http://127.0.0.1:{hub.api_port or 8081}"
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{hub.proxy_api_port or 8001}"
+c.ConfigurableHTTPProxy.command = hub.proxy_command or proxy_command()
 c.ConfigurableHTTPProxy.pid_file = str(state / "proxy.pid")
 
 # -- state under $NBREDUCE_HOME/hub ----------------------------------------------------------------------
@@ -34,8 +32,8 @@ c.JupyterHub.pid_file = str(state / "jupyterhub.pid")
 
 # -- authentication: demo users of membership.yaml, one shared password, groups from membership -----------
 c.JupyterHub.authenticator_class = "runner.hub.auth.MembershipAuthenticator"
-c.MembershipAuthenticator.membership_file = env.get("NBREDUCE_MEMBERSHIP", str(hub_config_dir() / "membership.yaml"))
-c.MembershipAuthenticator.demo_password = env.get("NBREDUCE_DEMO_PASSWORD", "nbreduce-demo")
+c.MembershipAuthenticator.membership_file = str(hub.membership or hub_config_dir() / "membership.yaml")
+c.MembershipAuthenticator.demo_password = hub.demo_password.get_secret_value()
 
 # -- spawner: local JupyterLab servers, one home per user under the hub state -----------------------------
 # (swap for kubespawner.KubeSpawner in production: pre_spawn_hook and the contents manager stay)
@@ -51,16 +49,18 @@ c.Spawner.args = [
 c.Spawner.default_url = "/lab/tree/reductions"
 c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "PYTHONPATH", "JUPYTERHUB_SINGLEUSER_APP",
                       "PYDEVD_DISABLE_FILE_VALIDATION"]
-c.Spawner.start_timeout = 120
-c.Spawner.http_timeout = 120
+c.Spawner.start_timeout = int(hub.start_timeout_seconds)
+c.Spawner.http_timeout = int(hub.start_timeout_seconds)
 
 # -- the reductions portal: a hub-managed service that logs users in through the hub's OAuth ----------------
-portal_env = {k: v for k, v in env.items() if k.startswith("NBREDUCE_") or k in ("PATH", "LANG", "PYTHONPATH")}
+# the portal gets the same settings, without the hub's own secrets
+portal_env = {**settings.model_copy(update={"hub": hub.model_copy(update={"demo_password": ""})}).to_env(),
+              **{k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH")}}
 c.JupyterHub.services = [
     {
         "name": "portal",
         "display": True,
-        "url": f"http://127.0.0.1:{env.get('NBREDUCE_PORTAL_PORT', '8090')}",
+        "url": f"http://127.0.0.1:{settings.portal.port or 8090}",
         "command": [sys.executable, "-m", "runner.portal"],
         "cwd": str(Path(state)),
         "environment": portal_env,

@@ -53,7 +53,7 @@
 # c.KubeSpawner.image = "registry.example.org/nbreduce-lab@sha256:..."   # pin by digest
 # c.KubeSpawner.cmd = ["jupyterhub-singleuser"]
 # c.KubeSpawner.args = ["--ServerApp.contents_manager_class=runner.hub.contents.ReductionsContentsManager"]
-# c.KubeSpawner.pre_spawn_hook = pre_spawn_hook     # same hook: NBREDUCE_ACCESS, NBREDUCE_ARCHIVE, JUPYTER_PATH
+# c.KubeSpawner.pre_spawn_hook = pre_spawn_hook     # same hook: NBREDUCE_HUB__ACCESS, NBREDUCE_ARCHIVE, JUPYTER_PATH
 # c.KubeSpawner.environment = {"NBREDUCE_ARCHIVE": "/archive"}
 # c.KubeSpawner.volumes = [{"name": "archive", "persistentVolumeClaim": {"claimName": "nbreduce-archive"}}]
 # c.KubeSpawner.volume_mounts = [{"name": "archive", "mountPath": "/archive", "readOnly": True}]

@@ -22,7 +22,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "home"
     path.mkdir()
     monkeypatch.setenv("NBREDUCE_HOME", str(path))
-    monkeypatch.delenv("NBREDUCE_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("NBREDUCE_BROKER__BOOTSTRAP_SERVERS", raising=False)
     monkeypatch.setenv("NBREDUCE_DATA_ROOTS", str(path / "data"))
     # a private copy of the templates: tests may edit them, the repository's stay untouched
     notebooks = tmp_path / "templates-copy"

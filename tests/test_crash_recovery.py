@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "notebooks"
 
 
 def start_runner(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "runner.cli.main", "-v", "runner"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", "-v", "runner"], env=env,
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

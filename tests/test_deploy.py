@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from runner.bus.topics import TOPICS
+from runner.config import variables
 from runner.hub.access import ACCESS_ENV, Access
 from runner.templates.registry import InstrumentConfig
 
@@ -113,11 +114,11 @@ def runners(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
 # -- what nbreduce reads ----------------------------------------------------------------------------
 @functools.cache
 def nbreduce_env_names() -> frozenset[str]:
-    """Every NBREDUCE_* name the code reads: literals in runner/ and hub_config/, and the retention overrides."""
-    names = set()
-    for path in [*(REPO / "runner").rglob("*.py"), *(REPO / "hub_config").glob("*.py")]:
-        names.update(n for n in re.findall(r"NBREDUCE_[A-Z0-9_]+", path.read_text()) if not n.endswith("_"))
-    return frozenset(names | {spec.env_override for spec in TOPICS})
+    """Every NBREDUCE_* name nbreduce reads: the settings tree's variables, one per key of its dict settings
+    (retention per topic: the topics nbreduce has), and the variables kernelspecs set for notebooks."""
+    names = {variable for variable, _, _ in variables()}
+    names |= {f"NBREDUCE_RETENTION__TOPIC_DAYS__{spec.short_name.upper()}" for spec in TOPICS}
+    return frozenset(names | {"NBREDUCE_ENVIRONMENT", "NBREDUCE_ENVIRONMENT_HASH"})
 
 
 @functools.cache
@@ -160,7 +161,7 @@ def test_overlay_deploys_every_component(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_manifests_match_the_kubernetes_schemas(overlay: str) -> None:
     """Strict: a misspelt field (which the API server would silently drop) fails here."""
-    validator = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (test extra) not installed")
+    import kubernetes_validate as validator
     for doc in render(overlay):
         try:
             validator.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -282,9 +283,9 @@ def test_one_processing_environment_per_consumer_group(overlay: str) -> None:
             continue
         container = pod_template(deployment)["spec"]["containers"][0]
         env = container_env(docs, container)
-        group = env.get("NBREDUCE_RUNNER_GROUP") or "nbreduce-runners"
+        group = env.get("NBREDUCE_RUNNER__GROUP") or "nbreduce-runners"
         environments[group].add(deployment["metadata"]["labels"]["nbreduce.io/environment"])
-        assert env.get("NBREDUCE_RUNNER_ENVIRONMENTS") == deployment["metadata"]["labels"]["nbreduce.io/environment"]
+        assert env.get("NBREDUCE_RUNNER__ENVIRONMENTS") == deployment["metadata"]["labels"]["nbreduce.io/environment"]
         assert container["image"].split("@")[0].rsplit(":", 1)[0].endswith(
             "-" + deployment["metadata"]["labels"]["nbreduce.io/environment"]), f"{name}: image of another environment"
     assert environments, f"{overlay}: no runner is scaled up"
@@ -317,14 +318,14 @@ def test_volumes_and_what_may_write_them(overlay: str) -> None:
 def test_broker_configuration(overlay: str) -> None:
     docs = render(overlay)
     config = next(data for name, data in config_maps(docs).items() if name.startswith("nbreduce-config"))
-    assert config.get("NBREDUCE_BOOTSTRAP_SERVERS"), f"{overlay}: no broker configured"
+    assert config.get("NBREDUCE_BROKER__BOOTSTRAP_SERVERS"), f"{overlay}: no broker configured"
     if overlay == "production":
-        assert config["NBREDUCE_REPLICATION_FACTOR"] == "3"
+        assert config["NBREDUCE_BROKER__REPLICATION_FACTOR"] == "3"
         assert not objects(docs, "StatefulSet"), "production uses the facility's Redpanda, not an in-cluster one"
     if overlay == "dev":
         broker = objects(docs, "StatefulSet")["nbreduce-redpanda"]
         service = broker["spec"]["serviceName"]
-        assert config["NBREDUCE_BOOTSTRAP_SERVERS"].split(":")[0] in (service, f"{service}-0.{service}")
+        assert config["NBREDUCE_BROKER__BOOTSTRAP_SERVERS"].split(":")[0] in (service, f"{service}-0.{service}")
 
 
 @needs_kubectl

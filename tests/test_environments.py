@@ -127,7 +127,7 @@ def test_failed_build_registers_nothing(home: Path, env_root: Path) -> None:
 
 def test_conda_environment_says_clearly_it_is_not_buildable_here(home: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NBREDUCE_CONDA", "no-such-conda-frontend")
+    monkeypatch.setenv("NBREDUCE_KERNELS__CONDA", "no-such-conda-frontend")
     runner = CliRunner()
     result = runner.invoke(env_commands, ["build", "mantid"])
     assert result.exit_code == 1
@@ -165,7 +165,7 @@ def fake_micromamba(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     script.write_text(FAKE_MICROMAMBA.format(python=sys.executable, uv=envs.uv_bin(),
                                              lock=str(REPO_ENVIRONMENTS / "minimal" / envs.LOCK_NAME)))
     script.chmod(0o755)
-    monkeypatch.setenv("NBREDUCE_CONDA", str(script))
+    monkeypatch.setenv("NBREDUCE_KERNELS__CONDA", str(script))
     return script
 
 

@@ -79,7 +79,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NBREDUCE_HOME", str(home))
         mp.setenv("NBREDUCE_DATA_ROOTS", str(home / "data"))
-        mp.delenv("NBREDUCE_BOOTSTRAP_SERVERS", raising=False)
+        mp.delenv("NBREDUCE_BROKER__BOOTSTRAP_SERVERS", raising=False)
         mp.setenv("NBREDUCE_NOTEBOOKS", str(home / "notebooks"))
         settings = Settings.from_env()
         broker = EmbeddedBroker(settings)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pipeline_support import running_platform
 
 from runner.bus.clients import Publisher, read_topic
 from runner.bus.models import JobState, RunCompletion, StatusEvent
+from runner.bus.topics import RUN_COMPLETIONS, TRIGGER_STATE
 from runner.config import Settings
-from runner.pipeline.consumer import RUN_COMPLETIONS, job_id_for
+from runner.pipeline.reduce import job_id_for
 from runner.pipeline.submit import wait_for_jobs
 from runner.templates.registry import MultiRunSpec
 from runner.triggers.base import stable_id
-from runner.triggers.multirun import MultiRunDeclaration, MultiRunTrigger, declare
+from runner.triggers.multirun import DECLARATION_PREFIX, MultiRunDeclaration, MultiRunFired, MultiRunTrigger, declare
 
 
 @pytest.fixture
@@ -104,3 +106,92 @@ def test_instrument_toml_declaration_and_other_experiments(tmp_path: Path) -> No
         job_id = job_id_for(RUN_COMPLETIONS, -1, -1, fired[0].message_id)
         final: StatusEvent = wait_for_jobs(settings, {job_id}, 120)[job_id]
         assert final.state is JobState.SUCCEEDED, final.reason
+
+
+# -- units: when a multi-run job fires, and when it must not ----------------------------------------------
+class RecordingPublisher:
+    """Publisher stand-in: what the trigger would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any, Any]] = []
+
+    def publish(self, topic: str, message: Any, key: Any = None, timeout: float = 30) -> None:
+        self.sent.append((topic, message, key))
+
+    def close(self) -> None:
+        pass
+
+
+def trigger_with(settings: Settings, completions: list[RunCompletion], declarations: list[MultiRunDeclaration],
+                 fired: list[str] = ()) -> tuple[MultiRunTrigger, RecordingPublisher]:
+    """A trigger whose tables already hold these records, as if it had read them from its topics."""
+    publisher = RecordingPublisher()
+    trigger = MultiRunTrigger(settings, publisher=publisher)  # type: ignore[arg-type]
+    for completion in completions:
+        trigger.completions.put(completion)
+    for declaration in declarations:
+        trigger.declared.put(declaration, declaration.key.removeprefix(DECLARATION_PREFIX))
+    for message_id in fired:
+        trigger.fired.put(MultiRunFired(instrument="ECHO", name="x", runs=[1], message_id=message_id), message_id)
+    return trigger, publisher
+
+
+def run_done(run: int, rb: str = "1920077", **extra: Any) -> RunCompletion:
+    return RunCompletion(instrument="ECHO", run_number=run, rb_number=rb, data=f"/data/ECHO{run}.txt", **extra)
+
+
+def declared(runs: list[int], rb: str | None = None, name: str = "sum-a") -> MultiRunDeclaration:
+    return MultiRunDeclaration(instrument="ECHO", rb_number=rb, spec=MultiRunSpec(name=name, template="sum", runs=runs))
+
+
+def fired_jobs(publisher: RecordingPublisher) -> list[RunCompletion]:
+    return [m for topic, m, _ in publisher.sent if topic == RUN_COMPLETIONS]
+
+
+def test_fires_only_when_every_run_is_in_and_only_once(settings: Settings) -> None:
+    trigger, publisher = trigger_with(settings, [run_done(21), run_done(22)], [declared([21, 22, 23])])
+    trigger._fire_ready("ECHO")
+    assert fired_jobs(publisher) == []  # 23 missing
+    trigger.completions.put(run_done(23))
+    trigger._fire_ready("ECHO")
+    trigger._fire_ready("ECHO")
+    [job] = fired_jobs(publisher)
+    assert job.runs == [21, 22, 23] and job.template == "sum" and job.rb_number == "1920077"
+    assert job.data_files == ["/data/ECHO21.txt", "/data/ECHO22.txt", "/data/ECHO23.txt"]
+    marker = [m for topic, m, key in publisher.sent if topic == TRIGGER_STATE]
+    assert [m.message_id for m in marker] == [job.message_id]
+
+
+def test_a_restart_with_the_fired_marker_does_not_fire_again(settings: Settings) -> None:
+    first, publisher = trigger_with(settings, [run_done(21), run_done(22)], [declared([21, 22])])
+    first._fire_ready("ECHO")
+    [job] = fired_jobs(publisher)
+    again, republished = trigger_with(settings, [run_done(21), run_done(22)], [declared([21, 22])],
+                                      fired=[job.message_id])
+    again._fire_ready("ECHO")
+    assert fired_jobs(republished) == []
+
+
+def test_runs_of_other_experiments_and_multi_run_inputs_do_not_count(settings: Settings) -> None:
+    trigger, publisher = trigger_with(settings, [run_done(21), run_done(22, rb="1930001")],
+                                      [declared([21, 22], rb="1920077")])
+    trigger._fire_ready("ECHO")
+    assert fired_jobs(publisher) == [] and trigger.health.errors == 1  # reported, not fired
+    # a multi-run job's own completion (template set, several runs) is never an input of another
+    trigger, publisher = trigger_with(settings, [run_done(31), run_done(32, template="sum")], [declared([31, 32])])
+    trigger._fire_ready("ECHO")
+    assert fired_jobs(publisher) == []
+
+
+def test_a_withdrawn_declaration_does_not_fire(settings: Settings) -> None:
+    trigger, publisher = trigger_with(settings, [run_done(41), run_done(42)], [declared([41, 42])])
+    trigger.declared.apply(f"{DECLARATION_PREFIX}ECHO:sum-a".encode(), None)  # tombstone
+    trigger._fire_ready("ECHO")
+    assert fired_jobs(publisher) == []
+
+
+def test_the_same_runs_redeclared_are_the_same_job(settings: Settings) -> None:
+    trigger, publisher = trigger_with(settings, [run_done(51), run_done(52)],
+                                      [declared([51, 52]), declared([52, 51], name="sum-a")])
+    trigger._fire_ready("ECHO")
+    assert len(fired_jobs(publisher)) == 1

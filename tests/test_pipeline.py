@@ -19,16 +19,16 @@ from pipeline_support import running_platform
 
 from runner.bus.clients import Publisher, read_topic
 from runner.bus.models import DeadLetter, JobState, RunCompletion, StatusEvent
-from runner.bus.topics import DEAD_LETTER
+from runner.bus.topics import DEAD_LETTER, REDUCTION_STATUS, RUN_COMPLETIONS
 from runner.config import Settings
-from runner.pipeline.consumer import REDUCTION_STATUS, RUN_COMPLETIONS, job_id_for
+from runner.pipeline.reduce import job_id_for
 from runner.pipeline.submit import submit_request, wait_for_jobs
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    with running_platform(tmp_path_factory.mktemp("pipeline"), NBREDUCE_FILE_WAIT_SECONDS="6",
-                          NBREDUCE_MAX_PARALLEL="3") as settings:
+    with running_platform(tmp_path_factory.mktemp("pipeline"), NBREDUCE_RUNNER__FILE_WAIT_SECONDS="6",
+                          NBREDUCE_RUNNER__MAX_PARALLEL="3") as settings:
         yield settings
 
 
@@ -215,9 +215,10 @@ def test_a_job_reserved_by_another_runner_is_not_taken_over(tmp_path: Path) -> N
 def test_kafka_client_properties_from_the_environment(settings: Settings) -> None:
     from runner.bus.clients import client_config
 
-    config = client_config(settings.model_copy(update={"bootstrap_servers": "broker:9093"}),
-                           {"NBREDUCE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "NBREDUCE_KAFKA_SASL_MECHANISM": "SCRAM",
-                            "OTHER": "x"})
+    config = client_config(Settings.from_env({
+        "NBREDUCE_HOME": str(settings.home), "NBREDUCE_BROKER__BOOTSTRAP_SERVERS": "broker:9093",
+        "NBREDUCE_BROKER__KAFKA__SECURITY_PROTOCOL": "SASL_SSL", "NBREDUCE_BROKER__KAFKA__SASL_MECHANISM": "SCRAM",
+        "OTHER": "x"}))
     assert config["bootstrap.servers"] == "broker:9093"
     assert config["security.protocol"] == "SASL_SSL" and config["sasl.mechanism"] == "SCRAM"
 
@@ -225,12 +226,13 @@ def test_kafka_client_properties_from_the_environment(settings: Settings) -> Non
 def test_runner_serves_only_its_environments(tmp_path: Path) -> None:
     from pipeline_support import FIXTURE_NOTEBOOKS
 
-    from runner.pipeline.consumer import Runner
+    from runner.pipeline.reduce import serves
+    from runner.templates.registry import TemplateRegistry
 
     settings = Settings.from_env({"NBREDUCE_HOME": str(tmp_path), "NBREDUCE_NOTEBOOKS": str(FIXTURE_NOTEBOOKS),
-                                  "NBREDUCE_RUNNER_ENVIRONMENTS": "minimal"})
-    runner = Runner(settings)
+                                  "NBREDUCE_RUNNER__ENVIRONMENTS": "minimal"})
+    registry = TemplateRegistry(settings.notebooks)
     request = {"run_number": 1, "data": "/x"}
-    assert runner.serves(RunCompletion(instrument="MINI", **request))  # environment minimal
-    assert not runner.serves(RunCompletion(instrument="ECHO", **request))  # runs in python3, another group
-    assert runner.serves(RunCompletion(instrument="NOSUCH", **request))  # reported as skipped
+    assert serves(settings, registry, RunCompletion(instrument="MINI", **request))  # environment minimal
+    assert not serves(settings, registry, RunCompletion(instrument="ECHO", **request))  # python3, another group
+    assert serves(settings, registry, RunCompletion(instrument="NOSUCH", **request))  # reported as skipped

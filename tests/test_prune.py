@@ -51,11 +51,11 @@ def test_refuses_a_cutoff_younger_than_the_status_retention(settings: Settings, 
     assert result.exit_code == 2 and "minimum age of 400d" in result.output
     assert young.is_dir()
 
-    monkeypatch.setenv("NBREDUCE_RETENTION_REDUCTION_STATUS", "730")  # portal lists jobs longer: floor follows
+    monkeypatch.setenv("NBREDUCE_RETENTION__TOPIC_DAYS__REDUCTION_STATUS", "730")  # portal lists jobs longer
     with pytest.raises(PruneRefused, match="minimum age of 730d"):
-        prune(settings, timedelta(days=400))
-    monkeypatch.setenv("NBREDUCE_ARCHIVE_MIN_AGE_DAYS", "30")  # an explicit floor wins
-    assert prune(settings, timedelta(days=90)).total_versions == 1
+        prune(Settings(), timedelta(days=400))
+    monkeypatch.setenv("NBREDUCE_RETENTION__ARCHIVE_MIN_AGE_DAYS", "30")  # an explicit floor wins
+    assert prune(Settings(), timedelta(days=90)).total_versions == 1
     assert not young.exists()
 
 

@@ -24,7 +24,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     settings = Settings.from_env({"NBREDUCE_HOME": str(home)})
     results = build(settings, ["minimal"])
     assert results[0].status in ("built", "unchanged"), results[0].message
-    with running_platform(home, NBREDUCE_MAX_PARALLEL="2", NBREDUCE_WARM_KERNELS="python3=2,nbreduce-minimal=1") as s:
+    with running_platform(home, NBREDUCE_RUNNER__MAX_PARALLEL="2",
+                          NBREDUCE_KERNELS__WARM="python3=2,nbreduce-minimal=1") as s:
         yield s
 
 
@@ -35,7 +36,7 @@ def data(settings: Settings, name: str) -> str:
 
 
 def test_instrument_environment_kernel_and_provenance(platform: Settings) -> None:
-    env = load("minimal")
+    env = load("minimal", platform.environments)
     job = submit_request(platform, instrument="MINI", run_number=5, data=data(platform, "MINI5.txt"),
                          rb_number="1920101", requested_by="alice")
     final = wait_for_jobs(platform, {job}, 120)[job]
@@ -62,7 +63,7 @@ def test_instrument_environment_kernel_and_provenance(platform: Settings) -> Non
 
 
 def test_rerun_with_the_original_environment_build(platform: Settings) -> None:
-    env = load("minimal")
+    env = load("minimal", platform.environments)
     ok = submit_request(platform, instrument="MINI", run_number=6, data=data(platform, "MINI6.txt"),
                         rb_number="1920101", environment_hash=f"sha256:{env.sha256}")
     missing = submit_request(platform, instrument="MINI", run_number=6, data=data(platform, "MINI6.txt"),

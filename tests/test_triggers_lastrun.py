@@ -12,7 +12,7 @@ from test_triggers_runinfo import RB, completions, data_dir, write_nexus
 
 from runner import sim
 from runner.bus.clients import read_topic
-from runner.bus.topics import TRIGGER_STATE
+from runner.bus.topics import HEALTH
 from runner.config import Settings
 from runner.isis.layout import instrument_config
 from runner.triggers import TriggerHealth, trigger_health
@@ -115,8 +115,8 @@ def test_a_heartbeat_is_written_each_cycle(broker: Settings, monkeypatch: pytest
 
     monkeypatch.setattr(watcher, "poll_once", third_cycle_stops)
     watcher.run(stop)
-    beats = [TriggerHealth.from_bytes(m.value()) for m in read_topic(broker, TRIGGER_STATE)
-             if m.key() == b"health:lastrun"]
+    beats = [TriggerHealth.from_bytes(m.value()) for m in read_topic(broker, HEALTH)
+             if m.key() == b"trigger:lastrun"]
     assert len(beats) == 4  # one per cycle, one on the way out
     assert beats[-1].last_run_seen == {"MARI": 7} and beats[-1].errors == 0
     assert trigger_health(broker) == [beats[-1]]
@@ -136,7 +136,7 @@ def test_watch_shows_its_health_while_it_waits(broker: Settings) -> None:
         stop.set()
         thread.join()
     [health] = trigger_health(broker)
-    assert health.trigger == "lastrun" and health.last_run_seen == {"MARI": 7}
+    assert health.name == "lastrun" and health.last_run_seen == {"MARI": 7}
 
 
 # -- units ---------------------------------------------------------------------------------------------

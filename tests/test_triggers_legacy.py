@@ -13,6 +13,7 @@ from test_triggers_runinfo import completions, create_topics, dead_letters, driv
 from runner.bus.clients import Publisher
 from runner.bus.models import RunCompletion
 from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS
+from runner.bus.work import WorkConsumer
 from runner.config import Settings
 from runner.triggers import make_trigger, trigger_class
 from runner.triggers.base import stable_id
@@ -62,7 +63,12 @@ def test_model_accepts_a_full_legacy_message() -> None:
 
 
 def test_model_accepts_nulls_as_legacy_writers_send_them() -> None:
-    RunCompletion.model_validate_json(json.dumps(RUN_DETECTION))
+    """The legacy writer sends every field, null when unset: null means the field's default."""
+    completion = RunCompletion.model_validate_json(json.dumps(RUN_DETECTION))
+    assert (completion.instrument, completion.runs, completion.rb_number) == ("MARI", [25583], "1920001")
+    assert completion.data_files == [RUN_DETECTION["data"]] and completion.started_by == 0
+    assert completion.run_title == "" and completion.template is None and completion.message_id is None
+    assert completion.reduction_arguments == {}
 
 
 @pytest.mark.broker
@@ -131,14 +137,27 @@ class ReplayingConsumer:
         self.position += len(batch)
         return batch
 
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        pass
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("data_ready", 0)]
+
     def seek(self, partition: TopicPartition) -> None:
         self.position = partition.offset
 
-    def commit(self, message: Message, asynchronous: bool) -> None:
-        self.commits.append(message.offset())
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits += [tp.offset for tp in offsets]
 
     def close(self) -> None:
         pass
+
+
+def with_log(bridge: LegacyDataReadyBridge, log: list[Message]) -> ReplayingConsumer:
+    """Feed ``bridge`` from ``log`` through the real work consumer (rewind and commit logic included)."""
+    consumer = ReplayingConsumer(log)
+    bridge._work = WorkConsumer(bridge.settings, "test", ["data_ready"], consumer=consumer)  # type: ignore[arg-type]
+    return consumer
 
 
 def test_a_publish_failure_rewinds_instead_of_skipping(settings: Settings) -> None:
@@ -146,8 +165,7 @@ def test_a_publish_failure_rewinds_instead_of_skipping(settings: Settings) -> No
                    .encode(), timestamp=(1, 1_700_000_000_000)) for i in range(3)]
     publisher = FlakyPublisher(failures=1)
     bridge = make_trigger(settings, "legacy", publisher=publisher)  # type: ignore[arg-type]
-    consumer = ReplayingConsumer(log)
-    bridge._consumer = consumer  # type: ignore[attr-defined]
+    consumer = with_log(bridge, log)  # type: ignore[arg-type]
 
     with pytest.raises(KafkaException):
         bridge.poll_once()
@@ -155,13 +173,13 @@ def test_a_publish_failure_rewinds_instead_of_skipping(settings: Settings) -> No
     assert bridge.poll_once() == 3
     assert [m.run_number for _, m in publisher.sent] == [10, 11, 12]
     assert {topic for topic, _ in publisher.sent} == {RUN_COMPLETIONS}
-    assert consumer.commits == [0, 1, 2]
+    assert consumer.commits == [3]  # committed once, past the last message handled
 
 
 def test_a_bug_on_one_message_dead_letters_it(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     publisher = FlakyPublisher(failures=0)
     bridge = LegacyDataReadyBridge(settings, publisher=publisher)  # type: ignore[arg-type]
-    bridge._consumer = ReplayingConsumer([Message(topic="data_ready", partition=0, offset=7, value=b"{}")])  # type: ignore[assignment]
+    with_log(bridge, [Message(topic="data_ready", partition=0, offset=7, value=b"{}")])
     monkeypatch.setattr(bridge, "convert", lambda msg: 1 / 0)
     assert bridge.poll_once() == 1
     [(topic, letter)] = publisher.sent

@@ -17,10 +17,11 @@ from streaming_data_types import serialise_6s4t, serialise_pl72, serialise_wrdn
 
 from runner.bus.clients import Publisher, admin, read_topic
 from runner.bus.models import DeadLetter, RunCompletion
-from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS
+from runner.bus.table import TopicTable
+from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS, TRIGGER_STATE
 from runner.config import Settings
 from runner.isis.layout import cycle_dirs, find_data_file, valid_rb
-from runner.triggers.base import Trigger, read_state, stable_id
+from runner.triggers.base import Trigger, stable_id
 from runner.triggers.runinfo import RunInfoTrigger, RunStartState
 
 RB = "1920001"
@@ -107,7 +108,7 @@ def test_start_then_stop_publishes_one_completion(broker: Settings) -> None:
     assert wish.run_number == 38237 and wish.rb_number is None  # no metadata, no file yet: the runner reports it
     assert wish.data.endswith("NDXWISH/Instrument/data/WISH00038237.nxs")
     assert dead_letters(broker) == []
-    state = RunStartState.from_bytes(read_state(broker, "runinfo:job-mari")["runinfo:job-mari"])
+    state = TopicTable(broker, TRIGGER_STATE, RunStartState, prefix="runinfo:").load().get("job-mari")
     assert state.status == "matched"
 
 
@@ -191,7 +192,7 @@ def test_pending_start_survives_a_trigger_restart(broker: Settings) -> None:
         drive(first, 1)
     finally:
         first.close()
-    state = RunStartState.from_bytes(read_state(broker, "runinfo:")["runinfo:job-r"])
+    state = TopicTable(broker, TRIGGER_STATE, RunStartState, prefix="runinfo:").load().get("job-r")
     assert state.status == "pending" and state.run_number == 25600
 
     producer.publish("MARI_runInfo", serialise_6s4t("job-r"))

@@ -2,7 +2,7 @@
 
 The status topic is the job database and keeps every job for its retention (400 days by default);
 the portal links each listed job to its version folder. Pruning versions younger than that would
-leave links to notebooks that no longer exist, so the cut-off has a floor: ``NBREDUCE_ARCHIVE_MIN_AGE_DAYS``,
+leave links to notebooks that no longer exist, so the cut-off has a floor: ``NBREDUCE_RETENTION__ARCHIVE_MIN_AGE_DAYS``,
 by default the status topic's retention. Only complete versions (``job.json`` present) are removed,
 whole; in-progress reservations, ``.staging`` and anything that is not part of the documented layout
 are left alone, and symbolic links are never followed, so nothing outside the archive can be touched.
@@ -26,7 +26,7 @@ from runner.bus.models import StatusEvent, utcnow
 from runner.bus.topics import REDUCTION_STATUS, TOPICS
 from runner.config import Settings
 
-MIN_AGE_ENV = "NBREDUCE_ARCHIVE_MIN_AGE_DAYS"
+MIN_AGE_SETTING = "NBREDUCE_RETENTION__ARCHIVE_MIN_AGE_DAYS"
 _DURATION = re.compile(r"^\s*(\d+)\s*([dwy])\s*$")
 _UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
 _RB = re.compile(r"^RB[0-9]+$")
@@ -46,28 +46,21 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(days=int(match.group(1)) * _UNIT_DAYS[match.group(2)])
 
 
-def min_age(env: dict[str, str] | None = None) -> timedelta:
+def min_age(settings: Settings) -> timedelta:
     """The youngest a version may be when pruned: the configured floor, else the status topic's retention.
 
     Tying the default to the status retention keeps the portal consistent when an operator extends
-    that retention (``NBREDUCE_RETENTION_REDUCTION_STATUS``) and forgets the archive.
+    that retention (``retention.topic_days``) and forgets the archive.
     """
-    env = dict(os.environ if env is None else env)
-    configured = env.get(MIN_AGE_ENV)
+    configured = settings.retention.archive_min_age_days
     if configured is not None:
-        try:
-            days = int(configured)
-        except ValueError:
-            raise PruneRefused(f"{MIN_AGE_ENV}={configured!r} is not a whole number of days") from None
-        if days < 0:
-            raise PruneRefused(f"{MIN_AGE_ENV} must not be negative (got {days})")
-        return timedelta(days=days)
+        return timedelta(days=configured)
     status = next(spec for spec in TOPICS if spec.name == REDUCTION_STATUS)
-    retention_ms = status.retention_ms()
+    retention_ms = status.retention_ms(settings.retention.topic_days)
     if retention_ms < 0:
         raise PruneRefused(
             f"{REDUCTION_STATUS} keeps jobs forever, so the portal may link to any version; "
-            f"set {MIN_AGE_ENV} to the age below which versions must be kept"
+            f"set {MIN_AGE_SETTING} to the age below which versions must be kept"
         )
     return timedelta(milliseconds=retention_ms)
 
@@ -181,14 +174,14 @@ def _remove_empty_parents(folder: Path, root: Path) -> list[Path]:
 
 
 def prune(settings: Settings, older_than: timedelta, dry_run: bool = False, instrument: str | None = None,
-          now: datetime | None = None, env: dict[str, str] | None = None) -> PruneReport:
+          now: datetime | None = None) -> PruneReport:
     """Remove complete versions that finished before ``now - older_than``; see the module docstring."""
-    floor = min_age(env)
+    floor = min_age(settings)
     if older_than < floor:
         raise PruneRefused(
             f"--older-than {older_than.days}d is shorter than the archive's minimum age of {floor.days}d: "
             f"the status topic keeps jobs for {floor.days} days and the portal links them to their versions. "
-            f"Use at least {floor.days}d (or lower {MIN_AGE_ENV}, accepting dead links in the portal)"
+            f"Use at least {floor.days}d (or lower {MIN_AGE_SETTING}, accepting dead links in the portal)"
         )
     now = now or utcnow()
     root = settings.archive

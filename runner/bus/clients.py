@@ -7,10 +7,8 @@ hangs for minutes on the embedded broker, so long reductions run off the polling
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -35,14 +33,10 @@ GROUP_SETTINGS = {
 LOW_LATENCY = {"fetch.wait.max.ms": 100}
 
 
-def client_config(settings: Settings, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Connection settings of every client: bootstrap servers plus any librdkafka property given as
-    ``NBREDUCE_KAFKA_<PROPERTY>`` (``NBREDUCE_KAFKA_SECURITY_PROTOCOL=SASL_SSL`` -> ``security.protocol``),
-    which is how TLS and SASL are configured for a production broker."""
-    env = os.environ if env is None else env
-    extra = {k[len("NBREDUCE_KAFKA_"):].lower().replace("_", "."): v for k, v in env.items()
-             if k.startswith("NBREDUCE_KAFKA_") and len(k) > len("NBREDUCE_KAFKA_")}
-    return {"bootstrap.servers": settings.bootstrap(), "logger": _librdkafka_log, **extra}
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Connection settings of every client: bootstrap servers plus the librdkafka properties of
+    ``broker.kafka``, which is how TLS and SASL are configured for a production broker."""
+    return {"bootstrap.servers": settings.bootstrap(), "logger": _librdkafka_log, **settings.broker.kafka}
 
 
 def admin(settings: Settings) -> AdminClient:
@@ -96,6 +90,16 @@ class Publisher:
         if remaining:
             raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{topic}: not acknowledged in {timeout}s"))
 
+    def send(self, topic: str, message: WireModel, key: str | bytes | None = None) -> None:
+        """Publish without waiting for the acknowledgement (heartbeats: the next one supersedes a lost one)."""
+        try:
+            self._producer.produce(topic, value=message.to_bytes(), key=key,
+                                   on_delivery=lambda err, _msg: log.debug("%s: not delivered: %s", topic, err) if err
+                                   else None)
+        except BufferError:  # the broker has been away long enough to fill the queue: drop this one
+            log.debug("%s: producer queue full, dropped", topic)
+        self._producer.poll(0)
+
     def close(self) -> None:
         self._producer.flush(10)
 
@@ -141,33 +145,5 @@ def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int =
                     pending.discard(msg.partition())
                 else:
                     raise KafkaException(err)
-    finally:
-        consumer.close()
-
-
-def follow_topic(settings: Settings, topic: str, stop: threading.Event, on_message: Callable[[Message], None],
-                 caught_up: threading.Event | None = None) -> None:
-    """Replay ``topic`` from the beginning and keep following it until ``stop`` is set.
-
-    ``caught_up`` is set once every partition has reached its end at least once, i.e. when a view
-    built from the messages is complete as of start-up.
-    """
-    consumer = Consumer({**client_config(settings), "group.id": "nbreduce-follower", "enable.auto.commit": False,
-                         "enable.partition.eof": True, **LOW_LATENCY})
-    try:
-        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
-        pending = set(partitions)
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        while not stop.is_set():
-            for msg in consumer.consume(10000, timeout=0.2):
-                err = msg.error()
-                if err is None:
-                    on_message(msg)
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(msg.partition())
-                    if not pending and caught_up is not None:
-                        caught_up.set()
-                else:
-                    log.warning("following %s: %s", topic, err)
     finally:
         consumer.close()

@@ -114,7 +114,7 @@ class EmbeddedBroker:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         previous = self._previous_ports()
-        kafka_port = free_port(int(os.environ.get("NBREDUCE_BROKER_PORT", 0)) or previous.get("kafka_port"))
+        kafka_port = free_port(self.settings.broker.port or previous.get("kafka_port"))
         env = dict(os.environ)
         pids: dict[str, int] = {}
         storage = "memory" if memory else "s3"
@@ -150,7 +150,7 @@ class EmbeddedBroker:
             # librdkafka's "connection refused" while Tansu starts goes to logging, not the terminal
             admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _librdkafka_log})
             self._wait(lambda: port_open(kafka_port) and bool(admin.list_topics(timeout=2)), timeout, "Tansu broker")
-            ensure_topics(admin)
+            ensure_topics(admin, self.settings)
         except Exception:
             self._terminate(pids)
             raise

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from runner.bus.clients import Publisher, producer, read_topic
 from runner.bus.models import DeadLetter, WireModel, new_id, utcnow
+from runner.bus.table import TopicTable
 from runner.bus.topics import (
     DEAD_LETTER,
     REDUCTION_REQUESTS,
@@ -33,7 +34,6 @@ from runner.bus.topics import (
     TRIGGER_STATE,
 )
 from runner.config import Settings
-from runner.triggers.base import read_state
 
 REPLAYABLE_TOPICS = (RUN_COMPLETIONS, REDUCTION_REQUESTS)
 STATE_PREFIX = "replay:"
@@ -78,15 +78,7 @@ def replay_key(dead_letter_id: str) -> str:
 
 def replayed(settings: Settings) -> dict[str, ReplayRecord]:
     """Replays recorded so far, by dead letter id (the last record per id wins)."""
-    records = {}
-    for key, raw in read_state(settings, STATE_PREFIX).items():
-        if raw is None:
-            continue
-        try:
-            records[key.removeprefix(STATE_PREFIX)] = ReplayRecord.from_bytes(raw)
-        except ValidationError:
-            continue
-    return records
+    return dict(TopicTable(settings, TRIGGER_STATE, ReplayRecord, prefix=STATE_PREFIX).load().items())
 
 
 def dead_letters(settings: Settings) -> list[DeadLetter]:

@@ -1,73 +1,40 @@
-"""Job state without a database: fold the status topic, last event per job id wins.
+"""Job state without a database: the status topic folded into the latest event per job.
 
 Correct without compaction (the embedded broker never compacts): every reader replays the topic and
-keeps the newest event per key. The same fold serves the CLI (``nbreduce runs``), the runner at
-start-up and the portal, which keeps following the topic for live updates.
+keeps, per job id, the event that :func:`supersedes` the others. The same table serves the CLI
+(``nbreduce runs``), the runner at start-up and the portal, which keeps following it for live updates.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
-from confluent_kafka import Message
-
-from runner.bus.clients import follow_topic, read_topic
 from runner.bus.models import StatusEvent
+from runner.bus.table import TopicTable
 from runner.bus.topics import REDUCTION_STATUS
 from runner.config import Settings
 
 
-class StatusView:
-    """Latest :class:`StatusEvent` per job id, in memory."""
+def supersedes(new: StatusEvent, old: StatusEvent) -> bool:
+    """Whether ``new`` replaces ``old`` as a job's state: a final state is never replaced by a non-final one
+    (a redelivered job re-announcing its archived result can be older than a "queued" published meanwhile);
+    otherwise the later event wins."""
+    if new.state.final != old.state.final:
+        return new.state.final
+    return new.timestamp >= old.timestamp
 
-    def __init__(self) -> None:
-        self.jobs: dict[str, StatusEvent] = {}
-        self.invalid = 0
-        self._lock = threading.Lock()
 
-    def apply(self, event: StatusEvent) -> bool:
-        """Fold one event; returns True when it changed the view (events older than what we hold are ignored)."""
-        with self._lock:
-            current = self.jobs.get(event.job_id)
-            if current is not None and current.timestamp > event.timestamp:
-                return False
-            self.jobs[event.job_id] = event
-            return True
+class StatusView(TopicTable[StatusEvent]):
+    """Latest :class:`StatusEvent` per job id."""
 
-    def apply_raw(self, raw: bytes | None) -> StatusEvent | None:
-        if raw is None:  # tombstone of a compacted topic: nothing to keep
-            return None
-        try:
-            event = StatusEvent.from_bytes(raw)
-        except ValueError:
-            self.invalid += 1
-            return None
-        return event if self.apply(event) else None
+    def __init__(self, settings: Settings):
+        super().__init__(settings, REDUCTION_STATUS, StatusEvent, key=lambda event: event.job_id, newer=supersedes)
 
-    def snapshot(self) -> list[StatusEvent]:
-        with self._lock:
-            return list(self.jobs.values())
-
-    def get(self, job_id: str) -> StatusEvent | None:
-        return self.jobs.get(job_id)
+    @property
+    def jobs(self) -> dict[str, StatusEvent]:
+        return self.rows
 
     @classmethod
     def rebuild(cls, settings: Settings) -> StatusView:
         """Replay the whole status topic (up to its current end)."""
-        view = cls()
-        for msg in read_topic(settings, REDUCTION_STATUS):
-            view.apply_raw(msg.value())
+        view = cls(settings)
+        view.load()
         return view
-
-
-def follow(settings: Settings, view: StatusView, stop: threading.Event,
-           on_change: Callable[[StatusEvent], None] | None = None, caught_up: threading.Event | None = None) -> None:
-    """Fold the status topic from the beginning and keep following it until ``stop`` is set."""
-
-    def on_message(msg: Message) -> None:
-        changed = view.apply_raw(msg.value())
-        if changed is not None and on_change is not None:
-            on_change(changed)
-
-    follow_topic(settings, REDUCTION_STATUS, stop, on_message, caught_up)

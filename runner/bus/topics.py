@@ -7,10 +7,12 @@ reader folds "last value per key wins" itself. Reasons for each figure: docs/ope
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from runner.config import Settings
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -20,6 +22,7 @@ REDUCTION_STATUS = "nbreduce.reduction-status"
 DEAD_LETTER = "nbreduce.dead-letter"
 PARAMETER_DEFAULTS = "nbreduce.parameter-defaults"
 TRIGGER_STATE = "nbreduce.trigger-state"
+HEALTH = "nbreduce.health"
 
 #: Kafka headers on a re-injected dead letter: the dead letter's id, and an id fresh for every replay.
 #: Each replay is a new job (the original is final as ``rejected``), the same one on redelivery.
@@ -36,17 +39,16 @@ class TopicSpec:
     purpose: str
 
     @property
-    def env_override(self) -> str:
-        """Environment variable that overrides this topic's retention in days (-1 = forever)."""
-        return "NBREDUCE_RETENTION_" + self.name.split(".", 1)[1].replace("-", "_").upper()
+    def short_name(self) -> str:
+        """Key of this topic in ``retention.topic_days`` (``reduction_status`` for ``nbreduce.reduction-status``)."""
+        return self.name.split(".", 1)[1].replace("-", "_")
 
-    def retention_ms(self) -> int:
-        days = os.environ.get(self.env_override)
-        value = int(days) if days is not None else self.retention_days
+    def retention_ms(self, overrides: Mapping[str, int] | None = None) -> int:
+        value = (overrides or {}).get(self.short_name, self.retention_days)
         return -1 if value is None or value < 0 else value * DAY_MS
 
-    def config(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms()), "cleanup.policy": self.cleanup_policy}
+    def config(self, overrides: Mapping[str, int] | None = None) -> dict[str, str]:
+        return {"retention.ms": str(self.retention_ms(overrides)), "cleanup.policy": self.cleanup_policy}
 
 
 TOPICS: tuple[TopicSpec, ...] = (
@@ -56,18 +58,21 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(DEAD_LETTER, 1, 90, "delete", "rejected messages with original bytes and reason"),
     TopicSpec(PARAMETER_DEFAULTS, 1, None, "compact", "default template parameters per instrument / RB"),
     TopicSpec(TRIGGER_STATE, 1, None, "compact", "trigger bookkeeping, e.g. last run seen per instrument"),
+    TopicSpec(HEALTH, 1, 7, "compact,delete", "heartbeats of runners and triggers, keyed by component"),
 )
 
 
-def ensure_topics(admin: AdminClient, specs: tuple[TopicSpec, ...] = TOPICS, timeout: float = 30) -> list[str]:
+def ensure_topics(admin: AdminClient, settings: Settings, specs: tuple[TopicSpec, ...] = TOPICS,
+                  timeout: float = 30) -> list[str]:
     """Create the topics that are missing; returns the names created. Existing topics are left as they are."""
     existing = set(admin.list_topics(timeout=timeout).topics)
     missing = [s for s in specs if s.name not in existing]
-    replication = int(os.environ.get("NBREDUCE_REPLICATION_FACTOR", "1"))  # 3 on a production Redpanda
+    replication = settings.broker.replication_factor
+    overrides = settings.retention.topic_days
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config())
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=replication, config=s.config(overrides))
          for s in missing],
         request_timeout=timeout,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -10,9 +11,12 @@ import click
 
 from runner.bus.embedded import EmbeddedBroker
 from runner.bus.models import StatusEvent
-from runner.bus.status import StatusView, follow
+from runner.bus.status import StatusView
+from runner.bus.topics import RUN_COMPLETIONS
+from runner.cli.common import install_stop_signals, load_settings
 from runner.config import Settings
-from runner.pipeline.consumer import RUN_COMPLETIONS, Runner, job_id_for
+from runner.pipeline.consumer import Runner
+from runner.pipeline.reduce import job_id_for
 from runner.templates.registry import TemplateRegistry
 
 COLOURS = {"succeeded": "green", "failed": "red", "timed_out": "red", "rejected": "red", "skipped": "yellow",
@@ -27,7 +31,7 @@ def run_demo(settings: Settings, runs: int, events: int | None, hub: int | None,
     cleanups: list[Callable[[], None]] = []
     try:
         embedded = EmbeddedBroker(settings)
-        if settings.bootstrap_servers is None and not embedded.status()["running"]:
+        if settings.broker.bootstrap_servers is None and not embedded.status()["running"]:
             state = embedded.start()
             cleanups.append(embedded.stop)
             click.echo(f"broker    {state['bootstrap']} (durable storage in {settings.broker_dir})")
@@ -43,7 +47,7 @@ def run_demo(settings: Settings, runs: int, events: int | None, hub: int | None,
         if not ready.wait(60):
             click.echo("runner did not start", err=True)
             return False
-        click.echo(f"runner    {settings.max_parallel} reductions in parallel, archive {settings.archive}")
+        click.echo(f"runner    {settings.runner.max_parallel} reductions in parallel, archive {settings.archive}")
 
         if hub is not None:
             cleanups.append(_start_hub(settings, hub))
@@ -79,8 +83,7 @@ def _show_progress(settings: Settings, expected: dict[str, str], exit_when_done:
             if finished.keys() >= expected.keys():
                 done.set()
 
-    follower = threading.Thread(target=follow, args=(settings, StatusView(), stop, on_change), daemon=True)
-    follower.start()
+    StatusView(settings).start(stop, on_change)
     while not stop.is_set() and not done.is_set():
         time.sleep(0.2)
     ok = bool(expected) and all(e.state.value == "succeeded" for e in finished.values()) and done.is_set()
@@ -110,4 +113,19 @@ def _start_hub(settings: Settings, port: int) -> Callable[[], None]:
     click.echo(f"hub       http://127.0.0.1:{port}/  (demo users and password: docs/hub.md; log {log_file})")
     click.echo(f"portal    http://127.0.0.1:{port}/services/portal/")
     return lambda: stop_hub(process)
+
+
+@click.command()
+@click.option("--runs", "count", default=2, show_default=True, help="Runs per instrument.")
+@click.option("--events", default=None, type=int)
+@click.option("--no-hub", is_flag=True, help="Do not start JupyterHub and the portal.")
+@click.option("--hub-port", default=8000, show_default=True, help="Port of JupyterHub (free one picked if taken).")
+@click.option("--exit-when-done", is_flag=True, help="Stop once the simulated runs are reduced (for CI).")
+def demo(count, events, no_hub, hub_port, exit_when_done) -> None:
+    """Start broker and runner, simulate runs on every instrument, show progress (Ctrl-C stops)."""
+    stop = threading.Event()
+    install_stop_signals(stop)
+    ok = run_demo(load_settings(), count, events, hub=None if no_hub else hub_port, exit_when_done=exit_when_done,
+                  stop=stop)
+    sys.exit(0 if ok else 1)
 

@@ -51,5 +51,5 @@ def list_command(as_json: bool) -> None:
 @click.option("--upgrade", is_flag=True, help="Re-resolve every pin instead of keeping the existing ones.")
 def lock_command(name: str, upgrade: bool) -> None:
     """Compile environments/NAME/requirements.in into requirements.lock (hashes included)."""
-    click.echo(lock(name, upgrade=upgrade))
+    click.echo(lock(name, Settings.from_env().environments, upgrade=upgrade))
 

@@ -29,7 +29,7 @@ class DurationType(click.ParamType):
 @click.option("--instrument", "-i", default=None, help="Only this instrument's versions.")
 @click.option("--json", "as_json", is_flag=True)
 def prune_command(older_than: timedelta, dry_run: bool, instrument: str | None, as_json: bool) -> None:
-    """Remove old versions from the archive (never younger than NBREDUCE_ARCHIVE_MIN_AGE_DAYS)."""
+    """Remove old versions from the archive (never younger than NBREDUCE_RETENTION__ARCHIVE_MIN_AGE_DAYS)."""
     try:
         report = prune(Settings.from_env(), older_than, dry_run=dry_run, instrument=instrument)
     except PruneRefused as exc:

@@ -25,7 +25,7 @@ RB_PREFIX = "rb-"
 INSTRUMENT_PREFIX = "instrument-"
 ADMIN_GROUP = "admin"
 #: Environment variable carrying a user's :class:`Access` into their single-user server.
-ACCESS_ENV = "NBREDUCE_ACCESS"
+ACCESS_ENV = "NBREDUCE_HUB__ACCESS"
 
 #: Hub user names: lower-case, as JupyterHub normalises them; they also become home folder names.
 UserName = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]

@@ -14,7 +14,7 @@ from tornado.web import HTTPError
 from traitlets import Instance, Unicode, default
 
 from runner.config import Settings
-from runner.hub.access import ACCESS_ENV, Access
+from runner.hub.access import Access
 
 REDUCTIONS_DIR = "reductions"
 
@@ -28,16 +28,16 @@ class ReductionsContentsManager(AsyncLargeFileManager):
     """
 
     reductions_dir = Unicode(REDUCTIONS_DIR, config=True, help="Name of the read-only tree in the home")
-    archive_dir = Unicode(config=True, help="The nbreduce archive (default: $NBREDUCE_ARCHIVE)")
-    access = Instance(Access, help="Default: from $NBREDUCE_ACCESS (no access when unset)")
+    archive_dir = Unicode(config=True, help="The nbreduce archive (default: the settings' archive)")
+    access = Instance(Access, help="Default: the settings' hub.access, handed over by the spawner (none when unset)")
 
     @default("archive_dir")
     def _default_archive(self) -> str:
-        return os.environ.get("NBREDUCE_ARCHIVE") or str(Settings.from_env().archive)
+        return str(Settings().archive)
 
     @default("access")
     def _default_access(self) -> Access:
-        return Access.from_env(os.environ.get(ACCESS_ENV))
+        return Access.from_env(Settings().hub.access)
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)

@@ -8,7 +8,6 @@ and process.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -17,9 +16,10 @@ import sys
 from pathlib import Path
 
 import psutil
+from pydantic import SecretStr
 
 from runner.bus.embedded import free_port
-from runner.config import PACKAGE_DIR, Settings
+from runner.config import ENV_PREFIX, PACKAGE_DIR, Settings
 
 REPO_DIR = PACKAGE_DIR.parent
 #: ``npm install --prefix <repo> configurable-http-proxy@CHP_VERSION`` puts the proxy here.
@@ -48,28 +48,25 @@ def proxy_command() -> list[str]:
     return [found]
 
 
-def hub_environment(settings: Settings, port: int, ip: str = "127.0.0.1", membership: Path | None = None,
-                    password: str | None = None, portal_port: int | None = None) -> dict[str, str]:
-    """Environment for ``jupyterhub -f hub_config/jupyterhub_config.py``; internal ports are free ones."""
-    env = dict(os.environ)
-    env.update(
-        NBREDUCE_HOME=str(settings.home),
-        NBREDUCE_ARCHIVE=str(settings.archive),
-        NBREDUCE_NOTEBOOKS=str(settings.notebooks),
-        NBREDUCE_HUB_IP=ip,
-        NBREDUCE_HUB_PORT=str(port),
-        NBREDUCE_HUB_API_PORT=str(free_port()),
-        NBREDUCE_PROXY_API_PORT=str(free_port()),
-        NBREDUCE_PORTAL_PORT=str(portal_port or free_port()),
-        NBREDUCE_PROXY_COMMAND=json.dumps(proxy_command()),
-        PATH=os.pathsep.join([str(NODE_BIN), str(Path(sys.executable).parent), env.get("PATH", "")]),
-    )
-    if settings.bootstrap_servers:
-        env["NBREDUCE_BOOTSTRAP_SERVERS"] = settings.bootstrap_servers
-    if membership is not None:
-        env["NBREDUCE_MEMBERSHIP"] = str(Path(membership).resolve())
-    if password is not None:
-        env["NBREDUCE_DEMO_PASSWORD"] = password
+def hub_settings(settings: Settings, port: int, ip: str = "127.0.0.1", membership: Path | None = None,
+                 password: str | None = None, portal_port: int | None = None) -> Settings:
+    """``settings`` with the hub's addresses filled in: the public ``ip:port``, free internal ports."""
+    hub = settings.hub.model_copy(update={
+        "ip": ip, "port": port, "api_port": settings.hub.api_port or free_port(),
+        "proxy_api_port": settings.hub.proxy_api_port or free_port(),
+        "proxy_command": settings.hub.proxy_command or proxy_command(),
+        **({"membership": Path(membership).resolve()} if membership is not None else {}),
+        **({"demo_password": SecretStr(password)} if password is not None else {}),
+    })
+    portal = settings.portal.model_copy(update={"port": portal_port or settings.portal.port or free_port()})
+    return settings.model_copy(update={"hub": hub, "portal": portal})
+
+
+def hub_environment(settings: Settings) -> dict[str, str]:
+    """Environment for ``jupyterhub -f hub_config/jupyterhub_config.py`` (which reads it back as Settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(settings.to_env())
+    env["PATH"] = os.pathsep.join([str(NODE_BIN), str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -83,7 +80,7 @@ def start_hub(settings: Settings, port: int = 8000, ip: str = "127.0.0.1", membe
     """Start the hub (which starts the proxy and the portal service) and return its process."""
     state = hub_dir(settings)
     state.mkdir(parents=True, exist_ok=True)
-    env = hub_environment(settings, port, ip, membership, password, portal_port)
+    env = hub_environment(hub_settings(settings, port, ip, membership, password, portal_port))
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child process
     try:
         return subprocess.Popen(hub_argv(config), cwd=state, env=env, stdout=out,

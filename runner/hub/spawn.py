@@ -10,6 +10,7 @@ from pathlib import Path
 
 from runner.config import Settings
 from runner.hub.access import ACCESS_ENV, Access
+from runner.kernels.environments import jupyter_data_path
 
 
 def pre_spawn_hook(spawner) -> None:
@@ -24,7 +25,7 @@ def pre_spawn_hook(spawner) -> None:
         "NBREDUCE_HOME": str(settings.home),
         "NBREDUCE_ARCHIVE": str(settings.archive),
         # instrument kernelspecs live in <home>/jupyter/kernels; python3 comes from the server's own prefix
-        "JUPYTER_PATH": os.pathsep.join(filter(None, [str(settings.jupyter_dir), os.environ.get("JUPYTER_PATH")])),
+        "JUPYTER_PATH": jupyter_data_path(settings, os.environ.get("JUPYTER_PATH")),
     }
     home = getattr(spawner, "home_dir", None)  # SimpleLocalProcessSpawner; KubeSpawner mounts volumes instead
     if home:

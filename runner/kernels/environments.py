@@ -33,12 +33,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from runner.atomic import write_atomic
 from runner.bus.models import utcnow
-from runner.config import PACKAGE_DIR, Settings
+from runner.config import Settings
 
 log = logging.getLogger(__name__)
 
-SOURCE_ENVIRONMENTS = PACKAGE_DIR.parent / "environments"
-BUNDLED_ENVIRONMENTS = PACKAGE_DIR / "_bundled" / "environments"
 CONFIG_NAME = "environment.toml"
 REQUIREMENTS_IN = "requirements.in"
 LOCK_NAME = "requirements.lock"
@@ -51,17 +49,9 @@ KERNEL_PREFIX = "nbreduce-"
 #: Entry point name of runner.kernels.provisioner.ForkProvisioner, named in the kernelspecs of uv builds.
 FORK_PROVISIONER = "nbreduce-fork"
 HASH_LEN = 12
-#: Conda front ends tried in this order; ``NBREDUCE_CONDA`` names one explicitly.
+#: Conda front ends tried in this order; ``kernels.conda`` names one explicitly.
 CONDA_FRONTENDS = ("micromamba", "mamba", "conda")
 _NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,39}$"  # folder and kernel name: jupyter looks kernels up lower-cased
-
-
-def environments_root(env: Mapping[str, str] | None = None) -> Path:
-    """Where environment specs live: ``NBREDUCE_ENVIRONMENTS``, else the checkout's, else the wheel's copy."""
-    env = os.environ if env is None else env
-    if env.get("NBREDUCE_ENVIRONMENTS"):
-        return Path(env["NBREDUCE_ENVIRONMENTS"]).expanduser().resolve()
-    return SOURCE_ENVIRONMENTS if SOURCE_ENVIRONMENTS.is_dir() else BUNDLED_ENVIRONMENTS
 
 
 class EnvironmentSpecError(LookupError):
@@ -183,9 +173,9 @@ def _read_config(folder: Path) -> EnvironmentConfig:
     return config
 
 
-def load(name: str, root: Path | None = None) -> Environment:
-    """The environment ``name`` under ``root`` (default :func:`environments_root`)."""
-    folder = (root or environments_root()) / name
+def load(name: str, root: Path) -> Environment:
+    """The environment ``name`` under ``root`` (``Settings.environments``)."""
+    folder = root / name
     config = _read_config(folder)
     lock, conda = folder / LOCK_NAME, folder / CONDA_SPEC
     if lock.is_file() and conda.is_file():
@@ -208,9 +198,8 @@ def load(name: str, root: Path | None = None) -> Environment:
     return Environment(config=config, path=folder, kind=kind, spec=spec, sha256=digest)  # type: ignore[arg-type]
 
 
-def discover(root: Path | None = None) -> dict[str, Environment]:
+def discover(root: Path) -> dict[str, Environment]:
     """All valid environments under ``root``; invalid folders are logged and left out."""
-    root = root or environments_root()
     found: dict[str, Environment] = {}
     if not root.is_dir():
         return found
@@ -222,7 +211,7 @@ def discover(root: Path | None = None) -> dict[str, Environment]:
     return found
 
 
-def preload_by_kernel(root: Path | None = None) -> dict[str, list[str]]:
+def preload_by_kernel(root: Path) -> dict[str, list[str]]:
     """``{kernel name: preload statements}`` for :class:`runner.kernels.pool.KernelPool`."""
     return {env.kernel_name: list(env.config.preload) for env in discover(root).values() if env.config.preload}
 
@@ -239,11 +228,16 @@ def kernel_spec_manager(settings: Settings) -> KernelSpecManager:
     return KernelSpecManager(kernel_dirs=[str(kernels_dir(settings)), *jupyter_path("kernels")])
 
 
+def jupyter_data_path(settings: Settings, existing: str | None = None) -> str:
+    """``JUPYTER_PATH`` led by nbreduce's data dir, so the instrument kernels are found first."""
+    paths = [str(settings.jupyter_dir), *filter(None, (existing or "").split(os.pathsep))]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
 def jupyter_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for kernels and Jupyter processes: ``JUPYTER_PATH`` led by nbreduce's data dir."""
+    """Environment for kernels and Jupyter processes: ``base`` (default: ours) with nbreduce's ``JUPYTER_PATH``."""
     env = dict(os.environ if base is None else base)
-    paths = [str(settings.jupyter_dir), *filter(None, env.get("JUPYTER_PATH", "").split(os.pathsep))]
-    env["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["JUPYTER_PATH"] = jupyter_data_path(settings, env.get("JUPYTER_PATH"))
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # silences debugpy's frozen-modules warning per kernel
     return env
 
@@ -323,9 +317,9 @@ def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
-def conda_frontend() -> str | None:
-    """A conda front end on PATH (``NBREDUCE_CONDA`` first), or None."""
-    explicit = os.environ.get("NBREDUCE_CONDA")
+def conda_frontend(settings: Settings) -> str | None:
+    """A conda front end on PATH (``kernels.conda`` first), or None."""
+    explicit = settings.kernels.conda
     candidates = [explicit] if explicit else list(CONDA_FRONTENDS)
     for name in candidates:
         found = shutil.which(name)
@@ -404,11 +398,11 @@ def _build_uv(settings: Settings, env: Environment, final: Path) -> BuildRecord:
 
 def _build_conda(settings: Settings, env: Environment, final: Path) -> BuildRecord:
     """Conda prefixes embed their path, so they are created in place; the record marks completion."""
-    frontend = conda_frontend()
+    frontend = conda_frontend(settings)
     if frontend is None:
         raise BuildUnavailable(
             f"{env.name} is a conda environment ({env.spec}); building it needs micromamba, mamba or conda "
-            f"(or NBREDUCE_CONDA) with its channels reachable. None is available on this machine, so it "
+            f"(or NBREDUCE_KERNELS__CONDA) with its channels reachable. None is available on this machine, so it "
             f"was not built; build it where the channels are reachable (see kernels/{env.name}/Dockerfile)."
         )
     is_micromamba = Path(frontend).name.startswith("micromamba")
@@ -452,7 +446,7 @@ def build_environment(settings: Settings, env: Environment) -> BuildResult:
 
 def build(settings: Settings, names: Sequence[str] | None = None, root: Path | None = None) -> list[BuildResult]:
     """Build the named environments (all when ``names`` is empty); failures are reported, not raised."""
-    root = root or environments_root()
+    root = root or settings.environments
     targets: list[str] = list(names) if names else list(discover(root))
     results = []
     for name in targets:
@@ -468,12 +462,12 @@ def build(settings: Settings, names: Sequence[str] | None = None, root: Path | N
 def status(settings: Settings, root: Path | None = None) -> list[EnvironmentStatus]:
     """Every environment with its current hash and whether that hash is built."""
     rows = []
-    for env in discover(root).values():
+    for env in discover(root or settings.environments).values():
         records = builds_of(settings, env.name)
         current = next((r for r in records if r.hash12 == env.hash12), None)
         state: Literal["built", "missing", "outdated"] = "built" if current else ("outdated" if records else "missing")
         note = ""
-        if env.kind == "conda" and current is None and conda_frontend() is None:
+        if env.kind == "conda" and current is None and conda_frontend(settings) is None:
             note = "conda spec: not buildable here (no micromamba/mamba/conda)"
         shown = current or (records[0] if records else None)
         rows.append(EnvironmentStatus(
@@ -484,10 +478,9 @@ def status(settings: Settings, root: Path | None = None) -> list[EnvironmentStat
     return rows
 
 
-def lock(name: str, root: Path | None = None, upgrade: bool = False,
+def lock(name: str, root: Path, upgrade: bool = False,
          constraints: Sequence[Path] = ()) -> Path:
     """Compile ``requirements.in`` into ``requirements.lock`` with hashes (existing pins kept unless ``upgrade``)."""
-    root = root or environments_root()
     folder = root / name
     config = _read_config(folder)
     if not (folder / REQUIREMENTS_IN).is_file():

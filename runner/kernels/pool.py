@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import queue
 import signal
 import threading
 import time
@@ -183,44 +182,61 @@ def kernel_provenance(km: KernelManager) -> dict[str, str | None]:
 # --------------------------------------------------------------------------- starting and stopping
 
 
-def _shell_request(km: KernelManager, code: str | None, timeout: float,
-                   user_expressions: dict[str, str] | None = None) -> dict[str, Any]:
-    """One request on the shell channel, ``kernel_info`` when ``code`` is None; returns the reply content.
-
-    Only the shell channel is connected: a fresh iopub subscription takes ~0.2 s to start receiving
-    (zmq's slow joiner), while shell requests are queued until the kernel reads them.
-    """
+def _client(km: KernelManager) -> Any:
+    """A blocking client on the shell channel only: a fresh IOPub subscription takes ~0.2 s to receive
+    (zmq's slow joiner), while shell requests are queued until the kernel reads them."""
     kc = km.blocking_client()
     kc.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+    return kc
+
+
+def wait_until_answering(km: KernelManager, timeout: float) -> None:
+    """Until the kernel answers ``kernel_info`` (asked again each second: the request is harmless), noticing a
+    kernel that died while starting at once instead of after ``timeout``."""
+    kc = _client(km)
     deadline = time.monotonic() + timeout
     try:
-        msg_id = kc.kernel_info() if code is None else kc.execute(code, silent=True, store_history=False,
-                                                                    allow_stdin=False,
-                                                                    user_expressions=user_expressions or {})
-        while (remaining := deadline - time.monotonic()) > 0:
+        while True:
             try:
-                msg = kc.get_shell_msg(timeout=min(1.0, remaining))
-            except queue.Empty:
+                kc.kernel_info(reply=True, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                return
+            except TimeoutError:
                 if not kernel_alive(km):
                     raise RuntimeError(describe_exit(kernel_exit_code(km))) from None
-                continue
-            if msg["parent_header"].get("msg_id") == msg_id:
-                return msg["content"]
-        raise TimeoutError(f"kernel {km.kernel_name} did not reply within {timeout:.0f} s")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"kernel {km.kernel_name} did not reply within {timeout:.0f} s") from None
     finally:
         kc.stop_channels()
 
 
+def _execute(km: KernelManager, code: str, timeout: float, user_expressions: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    """Execute ``code`` without history or outputs; returns the reply's content."""
+    if not kernel_alive(km):
+        raise RuntimeError(describe_exit(kernel_exit_code(km)))
+    kc = _client(km)
+    try:
+        reply = kc.execute(code, silent=True, store_history=False, allow_stdin=False,
+                           user_expressions=user_expressions or {}, reply=True, timeout=timeout)
+    except TimeoutError:
+        if not kernel_alive(km):
+            raise RuntimeError(describe_exit(kernel_exit_code(km))) from None
+        raise TimeoutError(f"kernel {km.kernel_name} did not reply within {timeout:.0f} s") from None
+    finally:
+        kc.stop_channels()
+    return reply["content"]
+
+
 def _run_silently(km: KernelManager, code: str, timeout: float) -> None:
     """Execute ``code`` without history, outputs or execution-count change; raise if it fails."""
-    content = _shell_request(km, code, timeout)
+    content = _execute(km, code, timeout)
     if content.get("status") != "ok":
         raise RuntimeError(f"{content.get('ename', 'error')}: {content.get('evalue', '')}")
 
 
 def evaluate_silently(km: KernelManager, code: str, expression: str, timeout: float) -> str:
     """Run ``code`` silently, then return ``expression``'s plain-text value (its ``repr``)."""
-    content = _shell_request(km, code, timeout, {"value": expression})
+    content = _execute(km, code, timeout, {"value": expression})
     value = content.get("user_expressions", {}).get("value", {})
     if content.get("status") != "ok" or value.get("status") != "ok":
         failed = value if value.get("status") == "error" else content
@@ -423,7 +439,7 @@ class KernelPool:
         km = self._new_manager(name)
         try:
             km.start_kernel(cwd=str(cwd), env=dict(self._env), extra_arguments=list(KERNEL_ARGUMENTS))
-            _shell_request(km, None, timeout)  # answers kernel_info: ready
+            wait_until_answering(km, timeout)
         except NoSuchKernel:
             shutdown(km)
             raise

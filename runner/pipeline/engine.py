@@ -1,32 +1,19 @@
-"""A papermill engine that runs on a kernel nbreduce provides (warm from the pool or cold).
-
-papermill always starts (and owns) a new kernel. nbreduce needs the kernel in hand: to kill it when a
-run exceeds its time limit, to give every run its own working directory without papermill's
-process-wide ``os.chdir``, and to serve runs from a warm pool. papermill's own client
-(:class:`PapermillNotebookClient`) still does the work, so parameter injection, error banners and
-per-cell metadata stay papermill's.
-"""
+"""Kernels handed to runs: the provider interface, existence checks, killing a kernel's process tree."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
-from queue import Empty
-from typing import Any, Protocol
+from typing import Protocol
 
 import psutil
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import NoSuchKernel
-from jupyter_core.utils import ensure_async, run_sync
-from nbclient.util import run_hook
-from papermill.clientwrap import PapermillNotebookClient
-from papermill.engines import NBClientEngine, papermill_engines
-from papermill.utils import merge_kwargs, remove_args
 
 from runner.config import Settings
 from runner.kernels.environments import kernel_spec_manager
 
+#: papermill's name of :class:`runner.pipeline.papermill_engine.ProvidedKernelEngine`.
 ENGINE_NAME = "nbreduce"
 
 
@@ -66,76 +53,3 @@ def kernel_pid(km: KernelManager) -> int | None:
     provisioner = getattr(km, "provisioner", None)
     process = getattr(provisioner, "process", None)
     return getattr(process, "pid", None)
-
-
-class _ReadyClient(PapermillNotebookClient):
-    """papermill's client, connecting to an already running kernel without idle waits.
-
-    jupyter_client's ``wait_for_ready`` waits for 0.2 s of silence on IOPub, once to see that IOPub is
-    connected and once to flush it: 0.4 s, most of the runner's overhead on a warm kernel. The same
-    handshake (a kernel_info reply on shell, then any IOPub message) is done here in 20 ms steps.
-    """
-
-    async def async_start_new_kernel_client(self):
-        assert self.km is not None
-        self.kc = self.km.client()
-        await ensure_async(self.kc.start_channels())
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            msg_id = self.kc.kernel_info()
-            try:
-                reply = await ensure_async(self.kc.shell_channel.get_msg(timeout=1))
-            except Empty:
-                reply = None
-            if reply is not None and reply["parent_header"].get("msg_id") == msg_id:
-                try:
-                    await ensure_async(self.kc.iopub_channel.get_msg(timeout=0.02))
-                except Empty:
-                    continue  # IOPub not subscribed yet (zmq slow joiner): ask again
-                self.kc._handle_kernel_info_reply(reply)
-                while True:  # drop the handshake's remaining IOPub messages
-                    try:
-                        await ensure_async(self.kc.iopub_channel.get_msg(timeout=0.02))
-                    except Empty:
-                        break
-                self.kc.allow_stdin = False
-                await run_hook(self.on_notebook_start, notebook=self.nb)
-                return self.kc
-            if not await ensure_async(self.km.is_alive()):
-                raise RuntimeError("kernel died before replying to kernel_info")
-        raise RuntimeError(f"kernel did not reply to kernel_info within {self.startup_timeout} s")
-
-    # nbclient binds the synchronous wrapper to its own coroutine at class creation
-    start_new_kernel_client = run_sync(async_start_new_kernel_client)
-
-
-class ProvidedKernelEngine(NBClientEngine):
-    """NBClientEngine that executes on the kernel manager passed as ``km`` and leaves it to its provider.
-
-    nbclient's own clean-up shuts a kernel down gracefully (seconds); here only the client channels
-    are closed and the provider kills the kernel, so a finished run is published without that wait.
-    """
-
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
-                                 start_timeout=60, execution_timeout=None, **kwargs: Any):
-        kwargs = remove_args(["input_path"], **kwargs)
-        safe_kwargs = remove_args(["timeout", "startup_timeout"], **kwargs)
-        final_kwargs = merge_kwargs(
-            safe_kwargs,
-            timeout=execution_timeout,
-            startup_timeout=start_timeout,
-            kernel_name=kernel_name,
-            log_output=log_output,
-            stdout_file=stdout_file,
-            stderr_file=stderr_file,
-        )
-        client = _ReadyClient(nb_man, **final_kwargs)
-        try:
-            return client.execute(cleanup_kc=False)
-        finally:
-            if client.kc is not None:
-                client.kc.stop_channels()
-
-
-papermill_engines.register(ENGINE_NAME, ProvidedKernelEngine)

@@ -8,15 +8,10 @@ from typing import Any
 
 from runner.bus.clients import Publisher
 from runner.bus.models import ReductionRequest, StatusEvent
-from runner.bus.status import StatusView, follow
+from runner.bus.status import StatusView
 from runner.bus.topics import REDUCTION_REQUESTS
 from runner.config import Settings
-from runner.pipeline.consumer import job_id_for
-
-
-def request_job_id(request: ReductionRequest) -> str:
-    """Requests carry a message id, so their job id is known before they are even published."""
-    return job_id_for(REDUCTION_REQUESTS, -1, -1, request.message_id)
+from runner.pipeline.reduce import request_job_id
 
 
 def submit_request(settings: Settings, publisher: Publisher | None = None, **fields: Any) -> str:
@@ -48,8 +43,7 @@ def wait_for_jobs(settings: Settings, job_ids: set[str], timeout: float) -> dict
             if finished.keys() >= job_ids:
                 stop.set()
 
-    thread = threading.Thread(target=follow, args=(settings, StatusView(), stop, on_change), daemon=True)
-    thread.start()
+    thread = StatusView(settings).start(stop, on_change)
     deadline = time.monotonic() + timeout
     while not stop.is_set() and time.monotonic() < deadline:
         stop.wait(0.05)

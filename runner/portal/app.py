@@ -2,7 +2,7 @@
 
 Every handler resolves the user's :class:`runner.hub.access.Access` from their hub groups and checks it
 before touching a job, so run pages, notebook HTML, downloads, reruns and the live feed all answer
-403 for runs of other experiments. Jobs come from the status topic (``runner.bus.status.follow``) folded
+403 for runs of other experiments. Jobs come from the status topic (``runner.bus.status.StatusView``) folded
 into a :class:`runner.portal.index.RunIndex`; reruns and defaults are published to Kafka, and the
 runner turns each rerun into a new version — older versions stay in the archive.
 """
@@ -30,13 +30,13 @@ from tornado.iostream import StreamClosedError
 
 from runner.bus.clients import Publisher
 from runner.bus.models import JobState, ReductionRequest, StatusEvent
-from runner.bus.status import StatusView, follow
+from runner.bus.status import StatusView
 from runner.bus.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
 from runner.config import Settings
 from runner.hub.access import Access
 from runner.portal.index import Run, RunFilter, RunIndex
 from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
-from runner.templates.defaults import ParameterDefaults, load_defaults
+from runner.templates.defaults import DefaultsTable, ParameterDefaults, defaults_key
 from runner.templates.params import ParamSpec, validate_form
 from runner.templates.registry import TemplateError, TemplateRegistry
 
@@ -66,7 +66,7 @@ class Portal:
         self.registry = TemplateRegistry(settings.notebooks)
         self.index = RunIndex()
         self.subscribers: set[Subscriber] = set()
-        self.feed_error: str | None = None
+        self.status = StatusView(settings)
         self._publisher = publisher
         self._publisher_lock = threading.Lock()
 
@@ -74,7 +74,6 @@ class Portal:
     def on_event(self, event: StatusEvent) -> None:
         """Fold one status change (IOLoop thread) and push it to the streams allowed to see it."""
         run = self.index.apply(event)
-        self.feed_error = None
         payload = {"job_id": event.job_id, "state": event.state.value, "instrument": event.instrument,
                    "rb_number": event.rb_number, "run": run.label, "version": event.version,
                    "latest_job": run.latest.job_id, "timestamp": event.timestamp.isoformat()}
@@ -86,21 +85,12 @@ class Portal:
                     self.subscribers.discard(sub)
 
     def start_follower(self, loop: IOLoop, stop: threading.Event) -> threading.Thread:
-        """Follow the status topic in a thread, reconnecting after broker failures until ``stop``."""
+        """Follow the status topic in a thread (it reconnects by itself after broker failures) until ``stop``."""
+        return self.status.start(stop, on_change=lambda event: loop.add_callback(self.on_event, event))
 
-        def run() -> None:
-            while not stop.is_set():
-                try:
-                    follow(self.settings, StatusView(), stop,
-                           on_change=lambda event: loop.add_callback(self.on_event, event))
-                except Exception as exc:  # broker down or not configured yet: show it, retry
-                    self.feed_error = f"status feed unavailable: {exc}"
-                    log.warning("%s; retrying", self.feed_error)
-                    stop.wait(2)
-
-        thread = threading.Thread(target=run, name="status-follower", daemon=True)
-        thread.start()
-        return thread
+    @property
+    def feed_error(self) -> str | None:
+        return self.status.error
 
     # -- publishing -----------------------------------------------------------------------------
     def publisher(self) -> Publisher:
@@ -454,9 +444,8 @@ class DefaultsHandler(BaseHandler):
             raise web.HTTPError(409, str(exc)) from None
 
     async def current(self, instrument: str, rb: str | None) -> dict[str, Any]:
-        folded = await IOLoop.current().run_in_executor(None, load_defaults, self.portal.settings)
-        key = f"rb:{rb}" if rb else f"instrument:{instrument}"
-        found = folded.get(key)
+        table = await IOLoop.current().run_in_executor(None, DefaultsTable(self.portal.settings).load)
+        found = table.get(defaults_key("rb" if rb else "instrument", instrument, rb))
         return found.parameters if found and found.instrument == instrument else {}
 
     @web.authenticated

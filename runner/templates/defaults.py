@@ -2,22 +2,22 @@
 
 One message per key — ``instrument:<INST>`` or ``rb:<RB>`` — holds the whole set of defaults for
 that scope; the newest message per key wins (readers fold, the embedded broker never compacts), an
-empty set clears the scope and a tombstone (no value) deletes it. The runner asks
-:func:`defaults_for` for every job; precedence is documented in ``runner.pipeline.parameterize``
+empty set clears the scope and a tombstone (no value) deletes it. The runner follows
+:class:`DefaultsTable` live and asks it for every job; precedence is documented in ``runner.pipeline.parameterize``
 (template < instrument.toml < instrument defaults < RB defaults < the request's overrides).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from runner.bus.clients import Publisher, read_topic
+from runner.bus.clients import Publisher
 from runner.bus.models import InstrumentName, RBNumber, WireModel, utcnow
+from runner.bus.table import TopicTable
 from runner.bus.topics import PARAMETER_DEFAULTS
 from runner.config import Settings
 
@@ -53,47 +53,28 @@ def defaults_key(scope: Scope, instrument: str, rb_number: str | None = None) ->
     return f"rb:{rb_number}" if scope == "rb" else f"instrument:{instrument.upper()}"
 
 
-def fold_defaults(records: Iterable[tuple[bytes | None, bytes | None]],
-                  folded: dict[str, ParameterDefaults] | None = None) -> dict[str, ParameterDefaults]:
-    """Last value per key of ``(key, value)`` records, into ``folded`` if given; tombstones delete,
-    invalid values are skipped."""
-    folded = {} if folded is None else folded
-    for raw_key, raw_value in records:
-        key = raw_key.decode(errors="replace") if raw_key is not None else None
-        if raw_value is None:
-            if key is not None:
-                folded.pop(key, None)
-            continue
-        try:
-            message = ParameterDefaults.from_bytes(raw_value)
-        except ValueError:
-            log.warning("ignoring invalid parameter-defaults message (key %r)", key)
-            continue
-        folded[message.key] = message
-    return folded
+class DefaultsTable(TopicTable[ParameterDefaults]):
+    """Current defaults of every scope, folded from the topic (tombstones delete a scope)."""
 
+    def __init__(self, settings: Settings):
+        super().__init__(settings, PARAMETER_DEFAULTS, ParameterDefaults, key=lambda message: message.key)
 
-def load_defaults(settings: Settings) -> dict[str, ParameterDefaults]:
-    """All current defaults, replayed from the topic."""
-    return fold_defaults((msg.key(), msg.value()) for msg in read_topic(settings, PARAMETER_DEFAULTS))
-
-
-def merged_defaults(folded: dict[str, ParameterDefaults], instrument: str, rb_number: str | None) -> dict[str, Any]:
-    """Instrument defaults overlaid with the RB's (when they were set for this instrument)."""
-    merged: dict[str, Any] = {}
-    inst = folded.get(defaults_key("instrument", instrument))
-    if inst is not None:
-        merged.update(inst.parameters)
-    if rb_number:
-        rb = folded.get(defaults_key("rb", instrument, rb_number))
-        if rb is not None and rb.instrument == instrument.upper():
-            merged.update(rb.parameters)
-    return merged
+    def merged(self, instrument: str, rb_number: str | None) -> dict[str, Any]:
+        """Instrument defaults overlaid with the RB's (when they were set for this instrument)."""
+        merged: dict[str, Any] = {}
+        inst = self.get(defaults_key("instrument", instrument))
+        if inst is not None:
+            merged.update(inst.parameters)
+        if rb_number:
+            rb = self.get(defaults_key("rb", instrument, rb_number))
+            if rb is not None and rb.instrument == instrument.upper():
+                merged.update(rb.parameters)
+        return merged
 
 
 def defaults_for(settings: Settings, instrument: str, rb_number: str | None) -> dict[str, Any]:
     """The defaults the runner applies to a new run of ``instrument`` in experiment ``rb_number``."""
-    return merged_defaults(load_defaults(settings), instrument, rb_number)
+    return DefaultsTable(settings).load().merged(instrument, rb_number)
 
 
 def publish_defaults(publisher: Publisher, message: ParameterDefaults) -> None:

@@ -10,9 +10,7 @@ trigger behaves the same way when its input is bad (dead letter, keep going) or 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -20,20 +18,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, TypeVar
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException, Message, TopicPartition
-from pydantic import BaseModel, Field, ValidationError
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException, Message
+from pydantic import BaseModel, ValidationError
 
-from runner.bus.clients import Publisher, group_consumer, read_topic
+from runner.bus.clients import Publisher
+from runner.bus.health import TriggerHealth, health_table
 from runner.bus.models import DeadLetter, RunCompletion, WireModel, utcnow
-from runner.bus.topics import DEAD_LETTER, RUN_COMPLETIONS, TRIGGER_STATE
+from runner.bus.table import TopicTable
+from runner.bus.topics import DEAD_LETTER, HEALTH, RUN_COMPLETIONS, TRIGGER_STATE
+from runner.bus.work import WorkConsumer
 from runner.config import BrokerNotConfigured, Settings
 
 log = logging.getLogger(__name__)
 
 #: Failures of the platform rather than of the input: retried, the input is never skipped because of them.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (KafkaException, BrokerNotConfigured)
+M = TypeVar("M", bound=BaseModel)
 _ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://nbreduce/run-completion")
 
 
@@ -57,52 +59,9 @@ def message_time(msg: Message) -> datetime | None:
     return datetime.fromtimestamp(millis / 1000, UTC)
 
 
-class TriggerHealth(WireModel):
-    """Heartbeat of one trigger (key ``health:<name>`` in the trigger-state topic): a stalled trigger shows."""
-
-    kind: Literal["trigger-health"] = "trigger-health"
-    trigger: str
-    trigger_kind: str
-    host: str = Field(default_factory=socket.gethostname)
-    pid: int = Field(default_factory=os.getpid)
-    started_at: datetime = Field(default_factory=utcnow)
-    timestamp: datetime = Field(default_factory=utcnow)
-    #: Latest run number seen per instrument.
-    last_run_seen: dict[str, int] = Field(default_factory=dict)
-    published: int = 0
-    dead_lettered: int = 0
-    errors: int = 0
-    last_error: str | None = None
-    last_error_at: datetime | None = None
-
-
-def read_state(settings: Settings, prefix: str) -> dict[str, bytes | None]:
-    """Last value per key of the trigger-state topic for keys starting with ``prefix``.
-
-    The embedded broker never compacts, so the whole topic is folded here; ``None`` is a tombstone.
-    """
-    state: dict[str, bytes | None] = {}
-    for msg in read_topic(settings, TRIGGER_STATE):
-        raw_key = msg.key()
-        if raw_key is None:
-            continue
-        key = raw_key.decode(errors="replace")
-        if key.startswith(prefix):
-            state[key] = msg.value()
-    return state
-
-
 def trigger_health(settings: Settings) -> list[TriggerHealth]:
-    """Latest heartbeat of every trigger that ever ran against this broker (for ``nbreduce`` status views)."""
-    found = []
-    for key, raw in read_state(settings, "health:").items():
-        if raw is None:
-            continue
-        try:
-            found.append(TriggerHealth.from_bytes(raw))
-        except ValueError:
-            log.warning("ignoring unreadable heartbeat %s", key)
-    return sorted(found, key=lambda h: h.trigger)
+    """Latest heartbeat of every trigger that ever ran against this broker (for ``nbreduce triggers``)."""
+    return sorted(health_table(settings, TriggerHealth).load().snapshot(), key=lambda h: h.name)
 
 
 class Trigger(ABC):
@@ -124,7 +83,7 @@ class Trigger(ABC):
         self.settings = settings
         self.name = name or self.kind
         self._publisher = publisher
-        self.health = TriggerHealth(trigger=self.name, trigger_kind=self.kind)
+        self.health = TriggerHealth(name=self.name, trigger_kind=self.kind)
         self._last_heartbeat: float | None = None
         self._started = False
 
@@ -177,17 +136,12 @@ class Trigger(ABC):
         """Bookkeeping that must survive a restart, in the (compacted) trigger-state topic."""
         self.publisher.publish(TRIGGER_STATE, state, key=key)
 
-    def load_state(self, prefix: str, model: type[BaseModel]) -> dict[str, Any]:
+    def load_state(self, prefix: str, model: type[M]) -> dict[str, M]:
         """Saved states under ``prefix`` (prefix stripped from the keys); unreadable entries are skipped."""
-        loaded: dict[str, Any] = {}
-        for key, raw in read_state(self.settings, prefix).items():
-            if raw is None:
-                continue
-            try:
-                loaded[key[len(prefix):]] = model.model_validate_json(raw)
-            except ValueError as exc:
-                log.warning("%s: ignoring unreadable state %s: %s", self.name, key, describe(exc))
-        return loaded
+        table = TopicTable(self.settings, TRIGGER_STATE, model, prefix=prefix).load()
+        if table.invalid:
+            log.warning("%s: ignored %d unreadable %s states", self.name, table.invalid, prefix)
+        return dict(table.items())
 
     # -- health -----------------------------------------------------------------------------------
     def seen(self, instrument: str, run: int) -> None:
@@ -206,8 +160,9 @@ class Trigger(ABC):
         if not force and self._last_heartbeat is not None and now - self._last_heartbeat < self.heartbeat_interval:
             return
         self.health.timestamp = utcnow()
+        self.health.interval_seconds = max(self.heartbeat_interval, self.interval, 1.0)
         try:
-            self.save_state(f"health:{self.name}", self.health)
+            self.publisher.publish(HEALTH, self.health, key=self.health.key)
             self._last_heartbeat = now
         except TRANSIENT_ERRORS as exc:
             log.warning("%s: heartbeat not published: %s", self.name, exc)
@@ -247,7 +202,7 @@ class Trigger(ABC):
 
 
 class ConsumerTrigger(Trigger):
-    """A trigger fed by Kafka topics: consumer group, commit only after the completion is published."""
+    """A trigger fed by Kafka topics: a consumer-group member that commits only after its output is published."""
 
     #: Messages taken from the broker per poll.
     batch_size: int = 100
@@ -260,36 +215,32 @@ class ConsumerTrigger(Trigger):
         self.topics = list(topics)
         self.group = group or f"nbreduce-trigger-{self.name}"
         self._consumer_config = consumer_config
-        self._consumer: Consumer | None = None
+        self._work: WorkConsumer | None = None
 
     @abstractmethod
     def handle(self, msg: Message) -> None:
         """Turn one message into completions, dead letters or state; raise only :data:`TRANSIENT_ERRORS`."""
 
     def start(self) -> None:
-        if self._consumer is None:
-            self._consumer = group_consumer(self.settings, self.group, **self._consumer_config)
-            self._consumer.subscribe(self.topics)
+        if self._work is None:
+            self._work = WorkConsumer(self.settings, self.group, self.topics, name=self.name, **self._consumer_config)
 
     def poll_once(self, timeout: float = 1.0) -> int:
-        if self._consumer is None:
-            self.start()
-        assert self._consumer is not None
-        messages = self._consumer.consume(self.batch_size, timeout)
-        handled = 0
+        self.start()
+        assert self._work is not None
+        messages = self._work.poll(self.batch_size, timeout)
         for index, msg in enumerate(messages):
-            if msg.error() is not None:
-                self.record_error(f"consumer: {msg.error()}")
-                continue
             try:
                 with self._input(msg):
                     self.handle(msg)
-                self._consumer.commit(message=msg, asynchronous=False)
             except TRANSIENT_ERRORS:
-                self._rewind(messages[index:])
+                self._work.rewind(messages[index:])
                 raise
-            handled += 1
-        return handled
+            self._work.done(msg)
+        if self._work.broker_error:
+            self.record_error(self._work.broker_error)
+        self._work.commit()
+        return len(messages)
 
     @contextmanager
     def _input(self, msg: Message) -> Iterator[None]:
@@ -302,24 +253,10 @@ class ConsumerTrigger(Trigger):
             log.exception("%s: failed on %s[%d]@%d", self.name, msg.topic(), msg.partition(), msg.offset())
             self.dead_letter_message(msg, f"{self.name} failed on this message: {describe(exc)}")
 
-    def _rewind(self, unhandled: Sequence[Message]) -> None:
-        """Seek every partition back to its first unhandled message, so nothing is skipped after a failure."""
-        assert self._consumer is not None
-        first: dict[tuple[str, int], int] = {}
-        for msg in unhandled:
-            if msg.error() is None:
-                where = (msg.topic(), msg.partition())
-                first[where] = min(first.get(where, msg.offset()), msg.offset())
-        for (topic, partition), offset in first.items():
-            try:
-                self._consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # partition revoked meanwhile: its new owner starts at the commit
-                log.warning("%s: could not rewind %s[%d] to %d: %s", self.name, topic, partition, offset, exc)
-
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        if self._work is not None:
+            self._work.close()
+            self._work = None
         super().close()
 
 

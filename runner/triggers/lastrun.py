@@ -51,8 +51,8 @@ class LastRunWatcher(Trigger):
     kind = "lastrun"
     heartbeat_interval = 0.0  # one heartbeat per poll cycle
 
-    def __init__(self, settings: Settings, *, instruments: Iterable[str] | None = None, interval: float = 10.0,
-                 start_from: Mapping[str, int] | None = None, max_backfill: int | None = 1000,
+    def __init__(self, settings: Settings, *, instruments: Iterable[str] | None = None, interval: float | None = None,
+                 start_from: Mapping[str, int] | None = None, max_backfill: int | None = None,
                  read_retries: int = 5, retry_delay: float = 0.2, name: str | None = None,
                  publisher: Publisher | None = None):
         """``instruments`` None = every instrument with a template (re-read each cycle).
@@ -63,9 +63,9 @@ class LastRunWatcher(Trigger):
         """
         super().__init__(settings, name=name, publisher=publisher)
         self.instruments = [_INSTRUMENT.validate_python(i.upper()) for i in instruments] if instruments else None
-        self.interval = interval
+        self.interval = interval if interval is not None else settings.triggers.lastrun_interval_seconds
         self.start_from = {_INSTRUMENT.validate_python(k.upper()): v for k, v in (start_from or {}).items()}
-        self.max_backfill = max_backfill
+        self.max_backfill = max_backfill if max_backfill is not None else settings.triggers.max_backfill
         self.read_retries = read_retries
         self.retry_delay = retry_delay
         self.last_seen: dict[str, int] = {}
@@ -141,9 +141,9 @@ class LastRunWatcher(Trigger):
         self.last_seen[instrument] = run
 
 
-def watch(settings: Settings, instruments: list[str] | None = None, interval: float = 10.0,
+def watch(settings: Settings, instruments: list[str] | None = None, interval: float | None = None,
           stop: threading.Event | None = None, *, start_from: Mapping[str, int] | None = None,
-          max_backfill: int | None = 1000) -> None:
+          max_backfill: int | None = None) -> None:
     """``nbreduce watch``: run the lastrun.txt watcher until ``stop`` is set (or SIGINT/SIGTERM)."""
     watcher = LastRunWatcher(settings, instruments=instruments, interval=interval, start_from=start_from,
                              max_backfill=max_backfill)

@@ -18,16 +18,15 @@ from runner.bus.models import RunCompletion
 from runner.config import Settings
 from runner.triggers.base import ConsumerTrigger, describe, message_time, stable_id
 
-DEFAULT_TOPIC = "data_ready"
-
 
 class LegacyDataReadyBridge(ConsumerTrigger):
     """``data_ready`` (or another configured topic) -> ``nbreduce.run-completions``."""
 
     kind = "legacy"
 
-    def __init__(self, settings: Settings, *, topic: str = DEFAULT_TOPIC, group: str | None = None,
+    def __init__(self, settings: Settings, *, topic: str | None = None, group: str | None = None,
                  name: str | None = None, publisher: Publisher | None = None):
+        topic = topic or settings.triggers.legacy_topic
         super().__init__(settings, topics=[topic], group=group, name=name or f"legacy-{topic}", publisher=publisher)
 
     def handle(self, msg: Message) -> None:

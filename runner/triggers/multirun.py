@@ -14,11 +14,10 @@ import logging
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from runner.bus.clients import client_config
 from runner.bus.models import InstrumentName, RBNumber, RunCompletion, WireModel, utcnow
+from runner.bus.table import TopicTable
 from runner.bus.topics import RUN_COMPLETIONS, TRIGGER_STATE
 from runner.config import Settings
 from runner.templates.registry import MultiRunSpec, TemplateError, TemplateRegistry
@@ -74,12 +73,18 @@ class MultiRunTrigger(Trigger):
 
     def __init__(self, settings: Settings, *, name: str | None = None, **kwargs: Any):
         super().__init__(settings, name=name, **kwargs)
-        self.declarations: dict[str, MultiRunDeclaration] = {}
-        #: message ids of multi-run jobs already published
-        self.fired: set[str] = set()
-        #: (instrument, run) -> latest single-run completion seen
-        self.completions: dict[tuple[str, int], RunCompletion] = {}
-        self._consumer: Consumer | None = None
+        #: Declarations of the instruments' instrument.toml, by ``<INSTRUMENT>:<name>``.
+        self.configured: dict[str, MultiRunDeclaration] = {}
+        #: Single-run completions by ``<INSTRUMENT>:<run>`` (the latest one per run).
+        self.completions = TopicTable(settings, RUN_COMPLETIONS, RunCompletion,
+                                      key=lambda c: f"{c.instrument}:{c.runs[0]}",
+                                      where=lambda c: len(c.runs) == 1 and not c.template)
+        #: Declarations made at run time (``nbreduce multirun declare``); a tombstone withdraws one.
+        self.declared = TopicTable(settings, TRIGGER_STATE, MultiRunDeclaration, prefix=DECLARATION_PREFIX)
+        #: Markers of the multi-run jobs already published, by message id.
+        self.fired = TopicTable(settings, TRIGGER_STATE, MultiRunFired, prefix=FIRED_PREFIX)
+        self._tables = (self.completions, self.declared, self.fired)
+        self._swept = False
 
     def start(self) -> None:
         registry = TemplateRegistry(self.settings.notebooks)
@@ -90,59 +95,34 @@ class MultiRunTrigger(Trigger):
                 continue
             for spec in config.multi_run:
                 declaration = MultiRunDeclaration(instrument=instrument, spec=spec, declared_by=f"{instrument}.toml")
-                self.declarations[declaration.key] = declaration
-        self._consumer = Consumer({**client_config(self.settings), "group.id": "nbreduce-multirun",
-                                   "enable.auto.commit": False})
-        partitions = []
-        for topic in (RUN_COMPLETIONS, TRIGGER_STATE):
-            metadata = self._consumer.list_topics(topic, timeout=30).topics[topic]
-            partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
-        self._consumer.assign(partitions)
+                self.configured[declaration.key.removeprefix(DECLARATION_PREFIX)] = declaration
+        for table in self._tables:
+            table.open()
+
+    def declarations(self) -> dict[str, MultiRunDeclaration]:
+        return {**self.configured, **dict(self.declared.items())}
 
     def poll_once(self, timeout: float = 1.0) -> int:
-        assert self._consumer is not None
-        messages = self._consumer.consume(1000, timeout)
         touched: set[str] = set()
-        for msg in messages:
-            if msg.error() is not None:
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    self.record_error(f"consumer: {msg.error()}")
-                continue
-            touched |= self._apply(msg)
+        changed = 0
+        for table in self._tables:
+            for value in table.poll(timeout / len(self._tables)):
+                changed += 1
+                if isinstance(value, RunCompletion):
+                    self.seen(value.instrument, value.runs[0])
+                if isinstance(value, RunCompletion | MultiRunDeclaration):
+                    touched.add(value.instrument)
+        if not all(table.caught_up.is_set() for table in self._tables):
+            return changed  # nothing fires before every marker of an earlier life has been read
+        if not self._swept:  # first time caught up: everything may have become complete while we were away
+            self._swept = True
+            touched = {d.instrument for d in self.declarations().values()}
         for instrument in touched:
             self._fire_ready(instrument)
-        return len(messages)
-
-    def _apply(self, msg: Message) -> set[str]:
-        """Fold one message; returns the instruments whose declarations may have become complete."""
-        key = (msg.key() or b"").decode(errors="replace")
-        if msg.topic() == TRIGGER_STATE:
-            if key.startswith(FIRED_PREFIX):
-                self.fired.add(key[len(FIRED_PREFIX):])
-            elif key.startswith(DECLARATION_PREFIX) and msg.value() is None:
-                self.declarations.pop(key, None)
-            elif key.startswith(DECLARATION_PREFIX):
-                try:
-                    declaration = MultiRunDeclaration.from_bytes(msg.value())
-                except ValidationError as exc:
-                    self.record_error(f"unreadable multi-run declaration {key}: {exc.errors()[:1]}")
-                    return set()
-                self.declarations[declaration.key] = declaration
-                return {declaration.instrument}
-            return set()
-        try:
-            completion = RunCompletion.from_bytes(msg.value())
-        except ValidationError:
-            return set()  # the runner dead-letters invalid completions
-        if len(completion.runs) != 1 or completion.template:
-            return set()  # multi-run jobs (ours included) are not inputs
-        self.completions[(completion.instrument, completion.runs[0])] = completion
-        self.seen(completion.instrument, completion.runs[0])
-        return {completion.instrument}
+        return changed
 
     def _fire_ready(self, instrument: str) -> None:
-        for key, declaration in list(self.declarations.items()):
-            ident = key[len(DECLARATION_PREFIX):]
+        for ident, declaration in self.declarations().items():
             if declaration.instrument != instrument:
                 continue
             try:
@@ -152,9 +132,9 @@ class MultiRunTrigger(Trigger):
                 continue
             # the same declaration (same runs) is the same job: a restart or a re-declaration never fires twice
             message_id = stable_id("multirun", ident, *runs)
-            if message_id in self.fired:
+            if self.fired.get(message_id) is not None:
                 continue
-            parts = [self.completions.get((instrument, run)) for run in runs]
+            parts = [self.completions.get(f"{instrument}:{run}") for run in runs]
             if any(p is None for p in parts):
                 continue
             members: list[RunCompletion] = [p for p in parts if p is not None]
@@ -173,12 +153,11 @@ class MultiRunTrigger(Trigger):
                 started_by=declaration.declared_by, reduction_arguments=declaration.spec.parameters,
             )
             self.emit(completion)
-            self.save_state(f"{FIRED_PREFIX}{message_id}", MultiRunFired(
-                instrument=instrument, name=declaration.spec.name, runs=runs, message_id=message_id))
-            self.fired.add(message_id)
+            fired = MultiRunFired(instrument=instrument, name=declaration.spec.name, runs=runs, message_id=message_id)
+            self.save_state(f"{FIRED_PREFIX}{message_id}", fired)
+            self.fired.put(fired, message_id)
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        for table in self._tables:
+            table.close()
         super().close()

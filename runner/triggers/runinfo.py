@@ -92,7 +92,8 @@ class RunInfoTrigger(ConsumerTrigger):
     def __init__(self, settings: Settings, *, topics: Sequence[str] | None = None, group: str | None = None,
                  name: str | None = None, publisher: Publisher | None = None):
         # new instruments' topics are picked up by the regex at the next metadata refresh
-        super().__init__(settings, topics=topics or [RUNINFO_PATTERN], group=group, name=name,
+        super().__init__(settings, topics=topics or settings.triggers.runinfo_topics or [RUNINFO_PATTERN], group=group,
+                         name=name,
                          publisher=publisher, **{"topic.metadata.refresh.interval.ms": 30000})
         self.starts: dict[str, RunStartState] = {}
 
