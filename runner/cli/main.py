@@ -62,6 +62,7 @@ class NbreduceGroup(click.Group):
         "hub": "runner.cli.hub:hub_command",
         "prune": "runner.cli.prune:prune_command",
         "replay": "runner.cli.replay:replay_command",
+        "template": "runner.cli.template:template_commands",
     }
 
     def list_commands(self, ctx):
