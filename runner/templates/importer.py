@@ -176,7 +176,7 @@ class ConversionReport(BaseModel):
 
     def text(self) -> str:
         """The report for a terminal."""
-        kind = "legacy autoreduction script" if self.kind == "legacy" else "FIA script"
+        kind = "legacy autoreduction script" if self.kind == "legacy" else "top-level script, FIA style"
         out = [f"{self.instrument}: imported from {self.source} ({kind})",
                "  files: " + ", ".join(f"{f.name} ({f.role}, sha256 {f.sha256[:12]})" for f in self.files)]
         counts = Counter(v.section for v in self.variables)
@@ -242,8 +242,9 @@ def annotate(value: Any) -> tuple[str, bool, str]:
     """(annotation, editable in the rerun form, note) of a legacy value.
 
     None says nothing about the type: it becomes ``Optional[str]`` (the old web app offered such
-    variables as text too). Lists of one scalar type are typed (ints and floats together: ``list[float]``);
-    nested or mixed lists, tuples and dicts keep a bare type that forms cannot edit.
+    variables as text too). Lists of one scalar type are typed (ints and floats together: ``list[float]``),
+    an empty list as numbers like the old web app did (``list[float]`` accepts whole numbers too); nested
+    or mixed lists, tuples and dicts keep a bare type that forms cannot edit.
     """
     if value is None:
         return "Optional[str]", True, "None in the script: text, or None when left empty"
@@ -253,7 +254,7 @@ def annotate(value: Any) -> tuple[str, bool, str]:
     if isinstance(value, list):
         kinds = {type(item) for item in value}
         if not kinds:
-            return "list", True, ""
+            return "list[float]", True, "empty in the script: a list of numbers, as the old web app assumed"
         if len(kinds) == 1 and kinds <= {bool, int, float, str}:
             return f"list[{kinds.pop().__name__}]", True, ""
         if kinds <= {int, float}:
@@ -375,19 +376,22 @@ def _span(stmt: ast.stmt) -> tuple[int, int]:
 def _scope_nodes(node: ast.AST) -> Iterable[ast.AST]:
     """Nodes of ``node`` in its own scope: nested functions, classes, lambdas and comprehensions are not entered."""
     stack = [node]
-    while stack:
+    while stack:  # depth first, in source order
         current = stack.pop()
         yield current
+        inner = []
         for child in ast.iter_child_nodes(current):
-            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
-                                      ast.SetComp, ast.DictComp, ast.GeneratorExp)):
-                stack.append(child)
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 yield child  # its name is bound here; its body is another scope
+            elif not isinstance(child, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                inner.append(child)
+        stack += reversed(inner)
 
 
 def bound_names(stmt: ast.stmt) -> list[str]:
     """Names a top-level statement binds at module level (assignments, imports, definitions, loop targets...)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [stmt.name]  # its body is another scope
     names: list[str] = []
     for node in _scope_nodes(stmt):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
@@ -639,6 +643,13 @@ def imports_of(tree: ast.Module) -> list[Import]:
     return found
 
 
+def _imports_of_file(path: Path) -> list[Import]:
+    try:
+        return imports_of(ast.parse(path.read_bytes()))
+    except (SyntaxError, ValueError):
+        return []  # reported when the helper is copied
+
+
 def local_module(folder: Path, name: str) -> Path | None:
     """``name.py`` or the package ``name/`` in ``folder``."""
     if (folder / f"{name}.py").is_file():
@@ -836,7 +847,9 @@ def convert(source: Path, instrument: str | None = None, environment: str = DEFA
     for rel, path in helpers.items():
         if path.is_file():
             files.append(SourceFile(name=rel, role="helper", sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
-    findings += _import_findings(script, imports, folder, environment)
+    helper_imports = [i for path in helpers.values() for module in (path.rglob("*.py") if path.is_dir() else [path])
+                      for i in _imports_of_file(module)]
+    findings += _import_findings(script, imports + helper_imports, folder, environment)
     findings += network_findings(script)
     findings += _script_findings(script, kind)
     if known_environments is not None and environment not in known_environments:
@@ -879,6 +892,11 @@ def convert(source: Path, instrument: str | None = None, environment: str = DEFA
         findings.append(Finding(level="info", file=SETTINGS_NAME if settings else script.name, message="typed as whole "
                                 "numbers from their values (the old web app also took decimals): change the "
                                 "annotation to float where a decimal makes sense: " + ", ".join(whole)))
+    empty = [v.name for v in variables if v.default == "[]"]
+    if empty:
+        findings.append(Finding(level="info", file=SETTINGS_NAME if settings else script.name, message="empty lists "
+                                "typed as lists of numbers, as the old web app assumed: change the annotation to "
+                                "list[str] where they hold text: " + ", ".join(empty)))
     call, call_findings = (main_call(main, script.name) if kind == "legacy" else (None, []))
     findings += call_findings
 
@@ -1007,9 +1025,10 @@ def _helpers(script: Source, folder: Path, imports: list[Import]) -> tuple[dict[
         for module in (path.rglob("*.py") if path.is_dir() else [path]):
             try:
                 queue += [i.top for i in imports_of(ast.parse(module.read_bytes()))]
-            except (SyntaxError, ValueError) as exc:
-                findings.append(Finding(level="warning", file=str(module.relative_to(folder)),
-                                        message=f"cannot be parsed ({exc}): copied, its imports not followed"))
+            except (SyntaxError, ValueError) as exc:  # e.g. Python 2: copied as it is, for a person to port
+                findings.append(Finding(level="error", file=str(module.relative_to(folder)),
+                                        message=f"not valid Python 3 ({exc}): copied as it is, to be ported; "
+                                                "its imports not followed"))
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix == ".py"
                     and p.name not in helpers and p != script.path and p.name != SETTINGS_NAME)
     if others:
