@@ -315,7 +315,7 @@ def test_fia_script_settings_become_parameters(notebooks: Path) -> None:
     assert any("rb_number" in m and "another type" in m for m in messages)
     assert any("fold_multiple_frames (line 34)" in m for m in messages)
     assert any("osiris.cal" in m and "network" in m for m in messages)
-    assert any("'/output'" in m and "output_dir" in m for m in messages)
+    assert any("'/output'" in m and "write to output_dir" in m for m in messages)
 
 
 def test_python2_script_is_refused_and_python2_helper_reported(tmp_path: Path, notebooks: Path) -> None:
@@ -441,3 +441,36 @@ def test_names_local_to_functions_do_not_rename_parameters() -> None:
                      "for i, (j, k) in []:\n    pass\nwith open('f') as h:\n    z = [q for q in ()]\n")
     assert [n for s in tree.body for n in importer.bound_names(s)] == ["o", "numpy", "c", "main", "K", "i", "j", "k",
                                                                        "h", "z"]
+
+
+def test_reassigned_section_flat_help_and_file_variable(tmp_path: Path, notebooks: Path) -> None:
+    """A section assigned twice converts its last value (as Python does); a flat variable_help applies to both
+    sections; a script that locates files with __file__ finds them in the template's folder."""
+    folder = tmp_path / "NDXSXD" / "user" / "scripts" / "autoreduction"
+    folder.mkdir(parents=True)
+    (folder / "reduce_vars.py").write_text(
+        "standard_vars = {'a': 1, 'b': 2}\nstandard_vars = {'a': 10, 'c': 'x'}\nadvanced_vars = {'d': None}\n"
+        "variable_help = {'a': 'help of a', 'd': 'help of d', 'gone': 'old help'}\n")
+    (folder / "reduce.py").write_text("import os\nimport reduce_vars as web_var\n\nHERE = os.path.dirname(__file__)\n\n"
+                                      "def main(input_file, output_dir):\n    return HERE\n")
+    report = import_template(folder, notebooks)
+    assert [(v.name, v.section, v.default, v.help) for v in report.variables] == [
+        ("a", "standard", "10", "help of a"), ("c", "standard", "'x'", ""), ("d", "advanced", "None", "help of d")]
+    assert [f.message for f in report.findings if "gone" in f.message] == [
+        "variable_help has help for 'gone', which is not a variable of any section"]
+    nb = nbformat.read(notebooks / "SXD" / "reduce.ipynb", as_version=4)
+    module = rebuilt_module(nb)
+    original = original_module(folder / "reduce_vars.py")
+    assert same(module.standard_vars, original["standard_vars"]) and same(module.advanced_vars,
+                                                                           original["advanced_vars"])
+    config = TemplateRegistry(notebooks).config("SXD")
+    assert (config.file_prefix, config.run_digits) == ("SXD", 5)
+    assert config.constants == {importer.TEMPLATE_DIR: str(notebooks / "SXD")}
+    namespace: dict[str, Any] = {importer.TEMPLATE_DIR: config.constants[importer.TEMPLATE_DIR]}
+    path_cell = next(c.source for c in nb.cells if c.cell_type == "code" and "HELPER_MODULES" in c.source)
+    saved = list(sys.path)
+    try:
+        exec(path_cell, namespace)
+    finally:
+        sys.path[:] = saved
+    assert namespace["__file__"] == str(notebooks / "SXD" / "reduce.py")

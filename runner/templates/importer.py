@@ -41,7 +41,7 @@ import tomllib
 import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -468,6 +468,7 @@ class SettingsModule:
     help: dict[str, dict[str, str]]
     bound: list[str]
     findings: list[Finding]
+    flat_help: bool = False  # variable_help is {key: help} for both sections, not {section: {key: help}}
 
     def entries(self, section: str) -> list[Entry]:
         """The entries that hold the section's values once the module has run: those of its last (re)assignment
@@ -556,6 +557,8 @@ def read_settings(source: Source) -> SettingsModule:
                                     message=f"`{_first_line(source, stmt)}`: {what}"))
         items.append(SettingsItem("code", target, stmt.lineno, source=code))
     module = SettingsModule(items=items, help=_help_by_section(help_value), findings=findings,
+                            flat_help=isinstance(help_value, dict) and not any(
+                                isinstance(help_value.get(s), dict) for s in SECTIONS),
                             bound=list(dict.fromkeys(n for s in source.tree.body if not _is_docstring(s)
                                                      for n in bound_names(s))))
     for section in SECTIONS:
@@ -849,7 +852,7 @@ def convert(source: Path, instrument: str | None = None, environment: str = DEFA
             files.append(SourceFile(name=rel, role="helper", sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
     helper_imports = [i for path in helpers.values() for module in (path.rglob("*.py") if path.is_dir() else [path])
                       for i in _imports_of_file(module)]
-    findings += _import_findings(script, imports + helper_imports, folder, environment)
+    findings += _import_findings(script, imports, folder, environment, helper_imports)
     findings += network_findings(script)
     findings += _script_findings(script, kind)
     if known_environments is not None and environment not in known_environments:
@@ -872,12 +875,14 @@ def convert(source: Path, instrument: str | None = None, environment: str = DEFA
                 entry.name = identifier(entry.key, taken)
                 taken.add(entry.name)
                 variables.append(_variable(entry, label, settings.help.get(section, {})))  # type: ignore[arg-type]
-        known = {e.key for s in SECTIONS for e in settings.entries(s)}
-        for section, helps in settings.help.items():
-            for key in helps:
-                if key not in known and section in SECTIONS:
-                    findings.append(Finding(level="info", file=SETTINGS_NAME, message=f"{HELP_DICT} has help for "
-                                            f"{key!r}, which is not a variable of {section}"))
+        keys = {section: {e.key for e in settings.entries(section)} for section in SECTIONS}
+        every = set().union(*keys.values())
+        orphans = {(key, "any section" if settings.flat_help else section)
+                   for section, helps in settings.help.items() for key in helps
+                   if key not in (every if settings.flat_help else keys[section])}
+        for key, where in sorted(orphans):
+            findings.append(Finding(level="info", file=SETTINGS_NAME, message=f"{HELP_DICT} has help for {key!r}, "
+                                    f"which is not a variable of {where}"))
     fia_settings: list[Setting] = []
     if kind == "fia":
         fia_settings, setting_findings = fia_settings_of(script)
@@ -885,8 +890,9 @@ def convert(source: Path, instrument: str | None = None, environment: str = DEFA
         for s in fia_settings:
             if not s.identity:
                 variables.append(_fia_variable(s))
-        findings.append(Finding(level="info", file=script.name, message="FIA script: its settings (literal "
-                                "assignments before the first call) became parameters; the rest runs as it is"))
+        findings.append(Finding(level="info", file=script.name, message="no main() and no reduce_vars (FIA style): "
+                                "the literal assignments before the script's logic became parameters; the rest runs "
+                                "as it is, top to bottom"))
     whole = [v.name for v in variables if v.annotation in ("int", "list[int]")]
     if whole:
         findings.append(Finding(level="info", file=SETTINGS_NAME if settings else script.name, message="typed as whole "
@@ -923,7 +929,7 @@ def _described(script: Path, folder: Path, kind: str) -> str:
     parts = script.parts
     ndx = next((i for i, p in enumerate(parts) if _NDX_RE.match(p)), None)
     where = "/".join(parts[ndx:-1]) if ndx is not None else "/".join(parts[-3:-1])
-    what = "legacy autoreduction script" if kind == "legacy" else "FIA reduction script"
+    what = "legacy autoreduction script" if kind == "legacy" else "script"
     return f"{what} {where}/{script.name}"
 
 
@@ -974,6 +980,11 @@ def fia_settings_of(script: Source) -> tuple[list[Setting], list[Finding]]:
         ok, value = _literal(stmt.value)  # type: ignore[attr-defined]
         if not ok or target == FIA_RESULT:
             continue
+        if target in _NOTEBOOK_NAMES or (target in RUN_PARAMETERS and target not in IDENTITY):
+            if not logic_started:
+                findings.append(Finding(level="info", file=script.name, line=stmt.lineno, message=f"{target}: a name "
+                                        "the template uses itself (or a run value nbreduce sets): kept as code"))
+            continue
         alone = all(lines_used[n] == 1 for n in range(first, last + 1))
         if bindings[target] != 1 or not alone or target.startswith("_"):
             why = ("is bound more than once" if bindings[target] != 1 else "shares its line with other code"
@@ -989,9 +1000,8 @@ def fia_settings_of(script: Source) -> tuple[list[Setting], list[Finding]]:
                 if script.lines[n - 1].strip().startswith("#")]
         comment = script.comments.get(last) or script.comments.get(first, "")  # alone on its lines: its own
         setting = Setting(stmt=stmt, name=target, value=value, lead=lead, comment=comment)
-        if target in RUN_PARAMETERS:
-            wanted = IDENTITY.get(target, ("", ""))[0]
-            if type(value) is _IDENTITY_TYPES.get(wanted):
+        if target in IDENTITY:
+            if type(value) is _IDENTITY_TYPES[IDENTITY[target][0]]:
                 setting.identity = True
                 findings.append(Finding(level="info" if target != "output_dir" else "warning", file=script.name,
                                         line=stmt.lineno, message=f"{target} = {value!r} is replaced by nbreduce's "
@@ -1004,8 +1014,8 @@ def fia_settings_of(script: Source) -> tuple[list[Setting], list[Finding]]:
         settings.append(setting)
     if late:
         findings.append(Finding(level="info", file=script.name, message="literal assignments after the script's logic "
-                                "starts stay code, not parameters: " + ", ".join(late) + "; move them above the "
-                                "first call and import again to make them parameters"))
+                                "starts stay code, not parameters: " + ", ".join(late) + "; move them above its "
+                                "first statement with a call and import again to make them parameters"))
     return settings, findings
 
 
@@ -1043,10 +1053,12 @@ def _helpers(script: Source, folder: Path, imports: list[Import]) -> tuple[dict[
     return helpers, findings
 
 
-def _import_findings(script: Source, imports: list[Import], folder: Path, environment: str) -> list[Finding]:
+def _import_findings(script: Source, imports: list[Import], folder: Path, environment: str,
+                     helper_imports: Iterable[Import] = ()) -> list[Finding]:
+    """Star imports of modules not beside the script, and what the environment must provide (helpers' needs too)."""
     findings: list[Finding] = []
     external: dict[str, int] = {}
-    for imp in imports:
+    for imp in [*imports, *(replace(i, star=False) for i in helper_imports)]:
         if imp.top in sys.stdlib_module_names or imp.top in ("__future__", SETTINGS_MODULE) \
                 or local_module(folder, imp.top):
             continue
@@ -1079,7 +1091,7 @@ def _script_findings(script: Source, kind: str) -> list[Finding]:
     output = [(line, p) for line, p in paths if p == "/output" or p.startswith("/output/")]
     for line, path in output:
         findings.append(Finding(level="warning", file=script.name, line=line,
-                                message=f"writes to {path!r}, FIA's container output folder: use output_dir"))
+                                message=f"uses {path!r}, FIA's container output folder: write to output_dir"))
     others = [f"{p} (line {line})" for line, p in paths if (line, p) not in output]
     if others:
         findings.append(Finding(level="warning", file=script.name, message="absolute paths, which must exist where "
@@ -1153,6 +1165,8 @@ def settings_module_source(settings: SettingsModule | None, report: ConversionRe
             for entry in item.entries:
                 if entry.name is not None:
                     lines.append(f"    {entry.key!r}: {entry.name},")
+                elif entry.literal:
+                    lines.append(f"    {entry.source},  # replaced further down, as in {SETTINGS_NAME}")
                 else:
                     lines.append(f"    {entry.source},  # computed in {SETTINGS_NAME} line {entry.line}: kept as code")
             lines += ["}", ""]
@@ -1186,8 +1200,8 @@ def settings_module_source(settings: SettingsModule | None, report: ConversionRe
 def template_dir_source(report: ConversionReport, uses_file: bool) -> str:
     modules = tuple(Path(h).stem for h in report.helpers)
     lines = [
-        "# The helper modules of the legacy folder were copied beside this notebook. The runner runs the kernel in the",
-        "# run's output folder, so the template's folder is put on sys.path: `template_dir` (a constant in",
+        "# This template's folder holds the helper modules copied from the legacy folder. The runner runs the kernel",
+        "# in the run's output folder, so the template's folder is put on sys.path: `template_dir` (a constant in",
         "# instrument.toml), else NBREDUCE_NOTEBOOKS/<instrument> when the runner's environment sets it.",
         "import os",
         "import sys",
@@ -1282,7 +1296,7 @@ def body_cells(script: Source, skip: dict[int, str | None], guard: set[int]) -> 
 
 def _introduction(report: ConversionReport) -> str:
     kind = ("a legacy autoreduction script (`reduce.py` + `reduce_vars.py`)" if report.kind == "legacy"
-            else "an FIA reduction script")
+            else "a script whose settings are top-level assignments (FIA style)")
     rows = "\n".join(f"| `{f.name}` | {f.role} | `{f.sha256}` |" for f in report.files)
     counts = Counter(v.section for v in report.variables)
     if report.kind == "legacy":
