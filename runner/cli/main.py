@@ -29,6 +29,7 @@ class NbreduceGroup(click.Group):
         "runs": "runner.cli.jobs:runs",
         "simulate": "runner.cli.sim:simulate",
         "submit": "runner.cli.jobs:submit",
+        "template": "runner.cli.template:template_commands",
         "topics": "runner.cli.broker:topics",
         "trigger": "runner.cli.triggers:trigger",
         "triggers": "runner.cli.triggers:triggers",

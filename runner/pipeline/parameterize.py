@@ -35,6 +35,8 @@ def build_parameters(template: Template, request: RunCompletion, rb_number: str,
         "instrument": request.instrument,
         "run_title": request.run_title,
         "output_dir": str(output_dir),
+        # the template's own folder: the kernel runs in output_dir, so files beside the template need its path
+        "template_dir": str(template.path.parent),
     }
     overrides = dict(request.reduction_arguments)
     unknown = sorted(set(overrides) - set(declared))

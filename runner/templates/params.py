@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 #: Names nbreduce sets from the run itself when the template declares them (never user-editable).
 RUN_PARAMETERS = ("data_file", "data_files", "run_number", "run_numbers", "rb_number", "instrument", "run_title",
-                  "output_dir")
+                  "output_dir", "template_dir")
 
 Kind = Literal["bool", "int", "float", "str", "list"]
 ItemKind = Literal["bool", "int", "float", "str"]
