@@ -21,6 +21,7 @@ from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
 from runner.sim.physics import SimulatedInstrument
+from runner.sim.reflectometry import Reflectometer
 from runner.sim.sans import SansInstrument
 from runner.sim.spectroscopy import ChopperSpectrometer
 from runner.templates.registry import InstrumentConfig, TemplateRegistry
@@ -34,6 +35,7 @@ FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "powder-diffraction": PowderDiffractometer,
     "direct-spectroscopy": ChopperSpectrometer,
     "sans": SansInstrument,
+    "reflectometry": Reflectometer,
 }
 #: Models of instruments with a notebook of their own and no family, by name.
 MODELS: dict[str, type[SimulatedInstrument]] = {
