@@ -34,7 +34,7 @@ class ChopperSpectrometer(EventNexusRuns):
     excitation at ``excitation`` meV (magnetic form factor falling with Q) and a flat time background.
     Beam monitors upstream of ``pulse_distance`` (the first chopper that cuts the pulse) see the white
     beam; those after it see the monochromatic pulse, so Ei follows from two of them (Mantid's GetEi).
-    Defaults are MARI's (see notebooks/MARI/instrument.toml for the sources).
+    Defaults are MARI-like; notebooks/<INSTRUMENT>/instrument.toml sets each instrument's real values (cited there).
     """
 
     name: str = "MARI"
@@ -48,8 +48,9 @@ class ChopperSpectrometer(EventNexusRuns):
     chopper_speed: float = 300.0  # Hz
     #: Distance (m) of the first chopper that cuts the pulse; monitors beyond it see a monochromatic peak.
     pulse_distance: float = 10.05
-    #: Beam monitors (named monitor_1, monitor_2, ...) by distance from the moderator (m).
-    monitor_distances: tuple[float, ...] = (8.489, 10.228, 17.559)
+    #: Beam monitors (named monitor_1, monitor_2, ...) by distance from the moderator (m). The default is a
+    #: minimal two-monitor layout; each instrument's toml lists its real monitors.
+    monitor_distances: tuple[float, ...] = (10.2, 17.0)
     #: Horizontal scattering-angle coverage [low, high] of the detector tubes (degrees), tube spacing, pixels.
     detector_two_theta: tuple[float, float] = (3.0, 134.0)
     tube_spacing: float = 1.0  # degrees
