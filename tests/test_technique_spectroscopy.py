@@ -60,9 +60,9 @@ def platform(build_environment: Callable[[str], Settings], tmp_path_factory: pyt
         yield settings
 
 
-def complete(settings: Settings, instrument: str, path: Path) -> str:
+def complete(settings: Settings, instrument: str, path: Path, run: int = RUN) -> str:
     """Announce a run as the instrument's data acquisition would (a run completion); returns the job id."""
-    message = RunCompletion(message_id=os.urandom(8).hex(), instrument=instrument, run_number=RUN, rb_number=RB,
+    message = RunCompletion(message_id=os.urandom(8).hex(), instrument=instrument, run_number=run, rb_number=RB,
                             data=str(path), run_title=f"{instrument} test run", facility="ISIS", started_by=0)
     Publisher(settings).publish(RUN_COMPLETIONS, message, key=instrument)
     return job_id_for(RUN_COMPLETIONS, -1, -1, message.message_id)
@@ -90,8 +90,9 @@ def jobs(platform: Settings) -> dict[str, StatusEvent]:
     rerun("LET expected 8 meV", "LET", expected_excitations=[4.5, 8.0])
     # IRIS with a significance no elastic line can reach
     rerun("IRIS no elastic line", "IRIS", min_peak_significance=1e5)
-    ids["WISH file for MARI"] = complete(platform, "MARI", wish)
-    ids["MARI file for OSIRIS"] = complete(platform, "OSIRIS", runs["MARI"])
+    # mismatched files, under other run numbers so that the reruns above are version 2 of their runs
+    ids["WISH file for MARI"] = complete(platform, "MARI", wish, RUN + 1)
+    ids["MARI file for OSIRIS"] = complete(platform, "OSIRIS", runs["MARI"], RUN + 1)
     finals = wait_for_jobs(platform, set(ids.values()), 600)
     assert finals.keys() == set(ids.values()), f"unfinished: {[n for n, j in ids.items() if j not in finals]}"
     return {name: finals[job] for name, job in ids.items()}
