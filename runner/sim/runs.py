@@ -20,6 +20,7 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
+from runner.sim.indirect import IndirectSpectrometer
 from runner.sim.physics import SimulatedInstrument
 from runner.sim.reflectometry import Reflectometer
 from runner.sim.sans import SansInstrument
@@ -34,6 +35,7 @@ DEFAULT_EVENTS = 200_000
 FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "powder-diffraction": PowderDiffractometer,
     "direct-spectroscopy": ChopperSpectrometer,
+    "indirect-spectroscopy": IndirectSpectrometer,
     "sans": SansInstrument,
     "reflectometry": Reflectometer,
 }

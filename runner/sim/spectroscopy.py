@@ -1,4 +1,9 @@
-"""Direct-geometry spectroscopy: a MARI-like chopper spectrometer with an elastic line and an excitation."""
+"""Direct-geometry spectroscopy: chopper spectrometers (MARI, MERLIN, LET, MAPS) with an elastic line and an excitation.
+
+One model serves the whole direct-geometry family: each instrument's ``instrument.toml`` sets the fields
+of the same names (flight paths, chopper and monitor positions, detector coverage, Ei...), so the four
+instruments differ by configuration only, as their shared template does.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,48 @@ import h5py
 import numpy as np
 
 from runner.sim.nexus import EventNexusRuns, nx_field, nx_group
-from runner.sim.physics import E_PER_K2, Bank, Monitor, categorical, speed, tube_bank
+from runner.sim.physics import (
+    E_PER_K2,
+    TOF_PER_M_A,
+    Bank,
+    Monitor,
+    categorical,
+    moderator_spectrum,
+    speed,
+    tube_bank,
+)
 
 
 @dataclass(frozen=True)
 class ChopperSpectrometer(EventNexusRuns):
-    """MARI-like direct-geometry spectrometer: Fermi chopper selects Ei, detectors at 4 m from 3° to 134°.
+    """Direct-geometry spectrometer: a chopper selects Ei from the pulse; vertical tubes on an arc at ``l2``.
 
     Events: an elastic line (incoherent, Debye–Waller falling with Q), a dispersionless crystal-field
     excitation at ``excitation`` meV (magnetic form factor falling with Q) and a flat time background.
+    Beam monitors upstream of ``pulse_distance`` (the first chopper that cuts the pulse) see the white
+    beam; those after it see the monochromatic pulse, so Ei follows from two of them (Mantid's GetEi).
+    Defaults are MARI-like; notebooks/<INSTRUMENT>/instrument.toml sets each instrument's real values (cited there).
     """
 
     name: str = "MARI"
     source_frequency: float = 50.0
-    l1: float = 11.739
-    l2: float = 4.022
+    l1: float = 11.739  # moderator to sample (m)
+    l2: float = 4.022  # sample to detectors (m)
+    #: The chopper that sets Ei (Fermi chopper, or the last disk on LET): NeXus group, class, distance (m), speed.
+    chopper: str = "fermi"
+    chopper_class: str = "NXfermi_chopper"
     chopper_distance: float = 10.05
+    chopper_speed: float = 300.0  # Hz
+    #: Distance (m) of the first chopper that cuts the pulse; monitors beyond it see a monochromatic peak.
+    pulse_distance: float = 10.05
+    #: Beam monitors (named monitor_1, monitor_2, ...) by distance from the moderator (m). The default is a
+    #: minimal two-monitor layout; each instrument's toml lists its real monitors.
+    monitor_distances: tuple[float, ...] = (10.2, 17.0)
+    #: Horizontal scattering-angle coverage [low, high] of the detector tubes (degrees), tube spacing, pixels.
+    detector_two_theta: tuple[float, float] = (3.0, 134.0)
+    tube_spacing: float = 1.0  # degrees
+    pixels_per_tube: int = 8
+    tube_height: float = 0.3  # m
     tof_window: tuple[float, float] = (2000.0, 19500.0)
     event_rate: float = 5000.0
     proton_current: float = 150.0
@@ -36,16 +67,17 @@ class ChopperSpectrometer(EventNexusRuns):
     #: Mean-square displacement (Å²) for the Debye–Waller factor and form-factor radius (Å⁻¹).
     msd: float = 0.01
     form_factor_q: float = 3.0
-    #: Elastic energy resolution σ as a fraction of Ei (≈3 % FWHM).
+    #: Elastic energy resolution σ as a fraction of Ei (≈3 % FWHM on MARI).
     resolution: float = 0.013
     sample: str = "CeAuAl3"
     temperature: float = 5.0
 
     @cached_property
     def banks(self) -> list[Bank]:
-        angles = np.arange(3.0, 134.5, 1.0)
-        return [tube_bank("detector_1", 1, float(angles.mean()), distance=self.l2, width_deg=float(np.ptp(angles)),
-                          tubes=angles.size, pixels=8, height=0.3)]
+        low, high = self.detector_two_theta
+        tubes = round((high - low) / self.tube_spacing) + 1
+        return [tube_bank("detector_1", 1, (low + high) / 2, distance=self.l2, width_deg=high - low, tubes=tubes,
+                          pixels=self.pixels_per_tube, height=self.tube_height)]
 
     def bank_fractions(self) -> np.ndarray:
         return np.ones(1)
@@ -75,35 +107,42 @@ class ChopperSpectrometer(EventNexusRuns):
         excited = component == 1
         centre = np.where(excited, self.excitation, 0.0)
         width = np.hypot(self.sigma(centre), np.where(excited, self.excitation_width, 0.0))
-        final = np.clip(self.incident_energy - centre - width * rng.standard_normal(n), 0.5, None)
+        final = np.clip(self.incident_energy - centre - width * rng.standard_normal(n), 0.05 * self.incident_energy,
+                        None)
         tof = 1e6 * (self.l1 / speed(self.incident_energy) + geometry.l2[pixel] / speed(final))
         background = component == 2
         tof[background] = rng.uniform(*self.tof_window, int(background.sum()))
         return geometry.detector_number[pixel], np.clip(tof, *self.tof_window).astype(np.float32)
 
     def monitors(self, rng: np.random.Generator, events: int) -> list[Monitor]:
-        """Two monitors in the direct beam, after the chopper and behind the sample: Ei from their time difference."""
-        edges = np.arange(0.0, 20000.0 + 1, 2.0)
+        """Beam monitors: a white-beam spectrum before the pulse-cutting chopper, the monochromatic pulse after it."""
+        frame = 1e6 / self.source_frequency
+        edges = np.arange(0.0, max(frame, self.tof_window[1]) + 1, 2.0)
         v = speed(self.incident_energy)
         out = []
-        for name, distance, share in (("monitor_1", self.chopper_distance + 0.15, 0.3),
-                                      ("monitor_2", self.l1 + 5.261, 0.2)):
-            t = distance / v * 1e6
-            # pulse width: chopper opening (~10 µs) plus the energy spread growing with distance
-            sigma = np.hypot(10.0, t * self.resolution / 2 * (distance - self.chopper_distance) / distance)
-            tof = t + sigma * rng.standard_normal(max(int(events * share), 1000))
-            out.append(Monitor(name, distance, edges, np.histogram(tof, edges)[0].astype(np.int32)))
+        for index, distance in enumerate(self.monitor_distances, start=1):
+            counts = max(int(events * 0.3), 1000)
+            if distance < self.pulse_distance:
+                wavelength = np.linspace(0.3, 12.0, 4000)
+                density = moderator_spectrum(wavelength)
+                lam = np.interp(rng.random(counts) * np.cumsum(density)[-1], np.cumsum(density), wavelength)
+                tof = TOF_PER_M_A * distance * lam
+            else:
+                t = distance / v * 1e6
+                # pulse width: chopper opening (~10 µs) plus the energy spread growing with distance
+                spread = t * self.resolution / 2 * (distance - self.pulse_distance) / distance
+                tof = t + np.hypot(10.0, spread) * rng.standard_normal(counts)
+            out.append(Monitor(f"monitor_{index}", distance, edges, np.histogram(tof, edges)[0].astype(np.int32)))
         return out
 
     def title(self, run: int) -> str:
-        return f"{self.sample} {self.temperature:g}K Ei={self.incident_energy:g}meV 300Hz, run {run}"
+        return f"{self.sample} {self.temperature:g}K Ei={self.incident_energy:g}meV {self.chopper_speed:g}Hz, run {run}"
 
     def write_extras(self, entry: h5py.Group, instrument: h5py.Group) -> None:
-        chopper = nx_group(instrument, "fermi", "NXfermi_chopper")
+        chopper = nx_group(instrument, self.chopper, self.chopper_class)
         nx_field(chopper, "energy", self.incident_energy, "meV")
-        nx_field(chopper, "rotation_speed", 300.0, "Hz")
+        nx_field(chopper, "rotation_speed", self.chopper_speed, "Hz")
         nx_field(chopper, "distance", self.chopper_distance - self.l1, "m")
-        nx_field(chopper, "type", "Gd (A) chopper")
         sample = entry["sample"]
         nx_field(sample, "chemical_formula", self.sample)
         nx_field(sample, "temperature", self.temperature, "K")
