@@ -20,6 +20,8 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
+from runner.sim.imaging import ImagingInstrument
+from runner.sim.muon import MuonSpectrometer
 from runner.sim.physics import SimulatedInstrument
 from runner.sim.spectroscopy import ChopperSpectrometer
 from runner.templates.registry import InstrumentConfig, TemplateRegistry
@@ -32,6 +34,8 @@ DEFAULT_EVENTS = 200_000
 FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "powder-diffraction": PowderDiffractometer,
     "direct-spectroscopy": ChopperSpectrometer,
+    "muon": MuonSpectrometer,
+    "imaging": ImagingInstrument,
 }
 #: Models of instruments with a notebook of their own and no family, by name.
 MODELS: dict[str, type[SimulatedInstrument]] = {
