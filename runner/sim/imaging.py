@@ -93,9 +93,9 @@ def bcc_reflections(a: float = IRON_A, d_min: float = 0.5) -> tuple[np.ndarray, 
     """d-spacings (Å) and multiplicities of a bcc lattice's reflections (h + k + l even), merged by d."""
     hmax = int(a / d_min) + 1
     counts: dict[int, int] = {}
-    for h, k, l in itertools.product(range(-hmax, hmax + 1), repeat=3):
-        q2 = h * h + k * k + l * l
-        if q2 and (h + k + l) % 2 == 0 and a / np.sqrt(q2) >= d_min:
+    for h, k, l_ in itertools.product(range(-hmax, hmax + 1), repeat=3):
+        q2 = h * h + k * k + l_ * l_
+        if q2 and (h + k + l_) % 2 == 0 and a / np.sqrt(q2) >= d_min:
             counts[q2] = counts.get(q2, 0) + 1
     q2s = np.array(sorted(counts), dtype=float)
     return a / np.sqrt(q2s), np.array([counts[int(q)] for q in q2s], dtype=float)
@@ -149,16 +149,18 @@ class ImagingInstrument:
     monitor_spread: float = 0.08  # relative spread of the beam (proton current) from image to image
     # time of flight: MCP stack of an iron plate
     tof_size: tuple[int, int] = (32, 32)
-    wavelength_range: tuple[float, float] = (1.6, 5.0)
-    channel_us: float = 102.4
+    wavelength_range: tuple[float, float] = (2.4, 4.6)
+    channel_us: float = 51.2
     shutter_windows: int = 3
     plate_mm: float = 5.0
     lattice: float = IRON_A
-    #: Moderator pulse in wavelength: Gaussian σ (Å) and exponential tail τ (Å) at the (110) edge, scaling with λ.
+    #: Moderator pulse in wavelength: Gaussian σ (Å) and exponential tail τ (Å) at the (110) edge, both ∝ λ.
     pulse_sigma: float = 0.004
     pulse_tau: float = 0.008
-    sample_frames: int = 20000
-    open_frames: int = 12000
+    sample_frames: int = 60000
+    open_frames: int = 36000
+    #: Peak wavelength (Å) of the moderator spectrum IMAT views (TS2, broad cold spectrum).
+    moderator_peak: float = 2.5
     #: Pixel occupancy of the open beam at the end of the busiest shutter window (MCP overlap loss).
     occupancy: float = 0.15
     sample: str = "Fe"
@@ -253,28 +255,30 @@ class ImagingInstrument:
     def plate_transmission(self) -> np.ndarray:
         """Transmission of the plate per channel: the ideal edges smeared by the moderator pulse, channel-averaged."""
         starts, _ = self.channels()
-        fine = np.linspace(self.wavelength_range[0] - 0.2, self.wavelength_range[1] + 0.2, 20001)
-        step = fine[1] - fine[0]
+        # the pulse's width in wavelength grows with λ (σ, τ given at the (110) edge): on a ln λ grid it is constant
+        u = np.linspace(np.log(self.wavelength_range[0] - 0.2), np.log(self.wavelength_range[1] + 0.2), 40001)
+        step = u[1] - u[0]
+        fine = np.exp(u)
         ideal = np.exp(-2 / self.lattice**3 * iron_cross_section(fine, self.lattice) * 1e-8 * self.plate_mm * 1e7)
-        # pulse response at the (110) edge, scaled with λ: density of the arrival delay δ (Å) ≥ 0 + Gaussian
-        kernel_x = np.arange(-0.1, 0.3, step)
-        cdf = edge_profile(kernel_x, self.pulse_sigma, self.pulse_tau)
+        reference = 2 * self.lattice / np.sqrt(2)
+        kernel_x = np.arange(-0.03, 0.08, step)
+        cdf = edge_profile(kernel_x, self.pulse_sigma / reference, self.pulse_tau / reference)
         kernel = np.diff(cdf, prepend=0.0)
         kernel /= kernel.sum()
         offset = int(np.argmin(np.abs(kernel_x)))
         smeared = np.convolve(ideal, kernel, mode="full")[offset:offset + fine.size]
         lam_lo = starts * 1e6 / (TOF_PER_M_A * self.flight_path)
         lam_hi = lam_lo + self.channel_us / (TOF_PER_M_A * self.flight_path)
-        cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (smeared[1:] + smeared[:-1])) * step])
+        cumulative = np.concatenate([[0.0], np.cumsum(0.5 * (smeared[1:] + smeared[:-1]) * np.diff(fine))])
         return (np.interp(lam_hi, fine, cumulative) - np.interp(lam_lo, fine, cumulative)) / (lam_hi - lam_lo)
 
     def _write_tof(self, folder: Path, run: int, prefix: str, rng: np.random.Generator, start: datetime) -> None:
         starts, window = self.channels()
         lam = self.wavelengths()
         fixed = np.random.default_rng(11)
-        ny, nx = self.tof_size
+        ny, _nx = self.tof_size
         profile = self._flux(fixed, self.tof_size, 1.0)
-        spectrum = moderator_spectrum(lam)
+        spectrum = moderator_spectrum(lam, self.moderator_peak)
         # scale: the busiest pixel's open-beam counts in the busiest window reach `occupancy` of the frames
         busiest = max(spectrum[window == w].sum() for w in range(self.shutter_windows)) * profile.max()
         rate = self.occupancy / busiest  # expected counts per frame, per unit of spectrum x profile

@@ -195,7 +195,7 @@ class MuonSpectrometer:
             frequency_mhz=GAMMA_MU_MHZ_PER_G * self.tf_field_gauss if tf else 0.0,
             relaxation=self.tf_relaxation if tf else 0.0, damping=self.tf_damping, delta=0.0 if tf else self.zf_delta,
             asymmetry=self.asymmetry, alpha=float(efficiency[forward].sum() / efficiency[~forward].sum()),
-            good_frames=max(int(round(events / self.counts_per_frame)), 1),
+            good_frames=max(round(events / self.counts_per_frame), 1),
         )
 
     def polarisation(self, run: int, t: np.ndarray) -> np.ndarray:
@@ -346,7 +346,7 @@ class MuonSpectrometer:
         _field(entry, "beamline", self.name)
         _field(entry, "start_time", _iso(start))
         _field(entry, "stop_time", _iso(end))
-        _field(entry, "duration", int(round(duration)), "seconds", dtype=np.int32)
+        _field(entry, "duration", round(duration), "seconds", dtype=np.int32)
         _field(entry, "switching_states", 1, dtype=np.int32)
         user = _group(entry, "user", "NXuser")
         _field(user, "name", "nbreduce simulator")
