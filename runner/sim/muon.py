@@ -199,8 +199,10 @@ class MuonSpectrometer:
         )
 
     def polarisation(self, run: int, t: np.ndarray) -> np.ndarray:
+        """Polarisation averaged over each time bin (the counters integrate: a fast precession is smoothed)."""
         if self.experiment_of(run) == "tf":
-            return precession(t, GAMMA_MU_MHZ_PER_G * self.tf_field_gauss, self.tf_relaxation, self.tf_damping)
+            frequency = GAMMA_MU_MHZ_PER_G * self.tf_field_gauss
+            return np.sinc(frequency * self.bin_width) * precession(t, frequency, self.tf_relaxation, self.tf_damping)
         return kubo_toyabe(t, self.zf_delta)
 
     def histograms(self, run: int, events: int, rng: np.random.Generator) -> np.ndarray:
