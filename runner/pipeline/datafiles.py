@@ -2,8 +2,10 @@
 
 A run-stop can arrive before the NeXus file is closed, so the runner waits, bounded and with
 backoff, until the file exists, is stable and opens as HDF5 (the writer holds HDF5's file lock
-while it writes). Paths outside the configured data roots are refused: a message must never make
-the runner read arbitrary files.
+while it writes). Some runs are folders (IMAT's FITS image stacks): a folder is ready when it holds
+files, none of them a writer's temporary file, and every FITS image in it is whole (FITS files are
+made of 2880-byte records, so a file cut short is caught without reading it). Paths outside the
+configured data roots are refused: a message must never make the runner read arbitrary files.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import time
 from pathlib import Path
 
 HDF5_SUFFIXES = {".nxs", ".nxs5", ".h5", ".hdf5", ".hdf", ".nx5"}
+FITS_SUFFIXES = {".fits", ".fit", ".fts"}
+FITS_RECORD = 2880
+#: Names of files still being written (atomic writers' temporary names, partial downloads).
+TEMPORARY_SUFFIXES = {".tmp", ".part", ".partial"}
 
 
 class DataPathError(ValueError):
@@ -42,9 +48,29 @@ def check_data_paths(paths: list[str], roots: list[Path]) -> list[Path]:
     return checked
 
 
+def _folder_ready(folder: Path) -> tuple[bool, str]:
+    """A run folder is ready when it holds files, none still being written and every FITS image whole."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return False, "is not readable"
+    files = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            if path.suffix.lower() in TEMPORARY_SUFFIXES:
+                return False, f"is still being written ({path.relative_to(folder)})"
+            if path.suffix.lower() in FITS_SUFFIXES:
+                size = path.stat().st_size
+                if size == 0 or size % FITS_RECORD:
+                    return False, f"holds an incomplete FITS image ({path.relative_to(folder)}, {size} bytes)"
+            files += 1
+    return (True, "ready") if files else (False, "is an empty folder")
+
+
 def is_ready(path: Path) -> tuple[bool, str]:
-    """Whether ``path`` can be read now; the second value says why not."""
+    """Whether ``path`` (a file, or a run folder) can be read now; the second value says why not."""
     try:
+        if path.is_dir():
+            return _folder_ready(path)
         if not path.is_file():
             return False, "does not exist yet"
         if not os.access(path, os.R_OK):

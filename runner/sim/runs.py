@@ -20,7 +20,9 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
+from runner.sim.imaging import ImagingInstrument
 from runner.sim.indirect import IndirectSpectrometer
+from runner.sim.muon import MuonSpectrometer
 from runner.sim.physics import SimulatedInstrument
 from runner.sim.reflectometry import Reflectometer
 from runner.sim.sans import SansInstrument
@@ -38,6 +40,8 @@ FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "indirect-spectroscopy": IndirectSpectrometer,
     "sans": SansInstrument,
     "reflectometry": Reflectometer,
+    "muon": MuonSpectrometer,
+    "imaging": ImagingInstrument,
 }
 #: Models of instruments with a notebook of their own and no family, by name.
 MODELS: dict[str, type[SimulatedInstrument]] = {
