@@ -33,7 +33,9 @@ lint: setup
 
 test: setup browser lint
 	$(BIN)/pytest -p no:cacheprovider
-	$(BIN)/pytest -p no:cacheprovider --nbval-lax notebooks/
+	# templates run in their environments' kernels (their notebooks name them): build every environment first
+	$(BIN)/nbreduce env build --all
+	JUPYTER_PATH=$(NBREDUCE_HOME)/jupyter $(BIN)/pytest -p no:cacheprovider --nbval-lax notebooks/
 
 bench: setup
 	$(BIN)/python -m bench.run --output docs/benchmarks.md

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_support import running_platform
 
 from runner import sim
 from runner.bus.models import JobState, StatusEvent
@@ -21,7 +22,6 @@ from runner.pipeline.datafiles import is_ready
 from runner.pipeline.submit import submit_request, wait_for_jobs
 from runner.sim.imaging import FITS_BLOCK, ImagingInstrument, bcc_reflections, fits_bytes
 from runner.templates.registry import TemplateRegistry
-from tests.pipeline_support import running_platform
 
 REPO = Path(__file__).resolve().parent.parent
 RB = "2610012"

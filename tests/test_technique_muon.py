@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from pipeline_support import running_platform
 
 from runner import sim
 from runner.bus.models import JobState, StatusEvent
@@ -21,7 +22,6 @@ from runner.config import Settings
 from runner.pipeline.submit import submit_request, wait_for_jobs
 from runner.sim.muon import GAMMA_MU_MHZ_PER_G, MuonSpectrometer, kubo_toyabe
 from runner.templates.registry import InstrumentConfig, TemplateRegistry
-from tests.pipeline_support import running_platform
 
 REPO = Path(__file__).resolve().parent.parent
 EVENTS = 2_000_000

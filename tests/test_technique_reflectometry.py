@@ -45,7 +45,7 @@ def platform(build_environment: Callable[[str], Settings], tmp_path_factory: pyt
         runs[name] = [sim.write_run(data, config, run, RB, events=EVENTS, cycle="cycle_25_1", seed=run,
                                     title=model.title(run)) for run in RUNS]
     with running_platform(home, NBREDUCE_NOTEBOOKS=str(notebooks), NBREDUCE_DATA_ROOTS=str(data),
-                          NBREDUCE_MAX_PARALLEL="2") as settings:
+                          NBREDUCE_RUNNER__MAX_PARALLEL="2") as settings:
         yield settings, runs
 
 

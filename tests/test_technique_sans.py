@@ -43,7 +43,7 @@ def platform(build_environment: Callable[[str], Settings], tmp_path_factory: pyt
                                 title=sim.instrument_model(registry.config(name)).title(RUN))
             for name in INSTRUMENTS}
     with running_platform(home, NBREDUCE_NOTEBOOKS=str(notebooks), NBREDUCE_DATA_ROOTS=str(data),
-                          NBREDUCE_MAX_PARALLEL="2") as settings:
+                          NBREDUCE_RUNNER__MAX_PARALLEL="2") as settings:
         yield settings, runs
 
 

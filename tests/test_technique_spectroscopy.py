@@ -24,8 +24,9 @@ from pipeline_support import running_platform
 from runner import sim
 from runner.bus.clients import Publisher
 from runner.bus.models import JobState, RunCompletion, StatusEvent
+from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
-from runner.pipeline.consumer import RUN_COMPLETIONS, job_id_for
+from runner.pipeline.reduce import job_id_for
 from runner.pipeline.submit import submit_request, wait_for_jobs
 from runner.sim.indirect import FWHM_PER_SIGMA
 from runner.templates.registry import TemplateRegistry
@@ -56,7 +57,7 @@ def platform(build_environment: Callable[[str], Settings], tmp_path_factory: pyt
     shutil.copytree(NOTEBOOKS, notebooks, ignore=shutil.ignore_patterns("sample_data", "conftest.py"))
     data = tmp_path_factory.mktemp("spectroscopy-data")
     with running_platform(home, NBREDUCE_NOTEBOOKS=str(notebooks), NBREDUCE_DATA_ROOTS=str(data),
-                          NBREDUCE_MAX_PARALLEL="2") as settings:
+                          NBREDUCE_RUNNER__MAX_PARALLEL="2") as settings:
         yield settings
 
 

@@ -19,7 +19,7 @@ from runner import sim
 from runner.templates.registry import TEMPLATE_NAME, TemplateRegistry
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-INSTRUMENTS = ("WISH", "MARI")
+INSTRUMENTS = ("WISH",)  # MARI: tests/test_technique_spectroscopy.py
 EVENTS = 200_000
 
 pytestmark = pytest.mark.slow
@@ -99,35 +99,3 @@ def test_wish_options_change_the_reduction(runs: dict[str, Path], tmp_path: Path
     focussed = sc.io.load_hdf5(out / "WISH00000101_focussed.h5")["focussed"]
     assert focussed.masks["masked"].values.tolist() == [True, True, False, False, False]
     assert focussed.coords["dspacing"][0].value == pytest.approx(1.0)
-
-
-def test_mari_finds_elastic_line_and_excitation(runs: dict[str, Path], tmp_path: Path):
-    model = sim.ChopperSpectrometer()
-    out = tmp_path / "mari"
-    scraps = execute("MARI", runs["MARI"], out)
-
-    assert scraps["total_events"] == EVENTS
-    assert scraps["ei_source"] == "monitors"
-    assert scraps["incident_energy_meV"] == pytest.approx(model.incident_energy, rel=2e-3)
-    assert scraps["chopper_energy_meV"] == model.incident_energy
-    assert scraps["elastic_found"]
-    assert scraps["elastic_peak_meV"] == pytest.approx(0.0, abs=0.1)
-    # elastic resolution: σ = 1.3 % of Ei, FWHM = 2.355 σ
-    assert scraps["elastic_fwhm_meV"] == pytest.approx(2.355 * float(model.sigma(np.array(0.0))), rel=0.1)
-    [excitation] = scraps["excitation_energies_meV"]
-    assert excitation == pytest.approx(model.excitation, abs=0.15)
-    width = np.hypot(float(model.sigma(np.array(model.excitation))), model.excitation_width)
-    assert scraps["excitation_fwhm_meV"][0] == pytest.approx(2.355 * width, rel=0.15)
-    assert sorted(scraps["output_files"]) == sorted(p.name for p in out.iterdir())
-    saved = sc.io.load_hdf5(out / "MAR00101_sqw.h5")
-    assert set(saved["s_two_theta_energy"].dims) == {"two_theta", "energy_transfer"}
-    assert saved["incident_energy"].value == pytest.approx(model.incident_energy, rel=2e-3)
-
-
-def test_mari_uses_the_given_incident_energy(runs: dict[str, Path], tmp_path: Path):
-    """Without monitor refinement the parameter is used as Ei; a wrong Ei moves the elastic line off zero."""
-    scraps = execute("MARI", runs["MARI"], tmp_path / "mari-ei", incident_energy=48.0, ei_from_monitors=False,
-                     kikf_correction=False, normalisation="none", cut_two_theta=[3.0, 60.0])
-    assert scraps["ei_source"] == "parameter"
-    assert scraps["incident_energy_meV"] == 48.0
-    assert not scraps["elastic_found"] or abs(scraps["elastic_peak_meV"]) > 0.5
