@@ -20,6 +20,7 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
+from runner.sim.engineering import EngineeringDiffractometer
 from runner.sim.physics import SimulatedInstrument
 from runner.sim.spectroscopy import ChopperSpectrometer
 from runner.templates.registry import InstrumentConfig, TemplateRegistry
@@ -31,6 +32,7 @@ DEFAULT_EVENTS = 200_000
 #: Simulation model of each technique family (``family`` in instrument.toml).
 FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "powder-diffraction": PowderDiffractometer,
+    "engineering-diffraction": EngineeringDiffractometer,
     "direct-spectroscopy": ChopperSpectrometer,
 }
 #: Models of instruments with a notebook of their own and no family, by name.
