@@ -151,6 +151,12 @@ class PowderDiffractometer(EventNexusRuns):
         lo, hi = np.array(self.tof_window) / TOF_PER_M_A
         return np.linspace(lo / paths.max(), hi / paths.min(), 4000)
 
+    @cached_property
+    def flux_log_slope(self) -> np.ndarray:
+        """dln F / dln λ of the moderator flux on the ``wavelengths`` grid."""
+        grid = self.wavelengths
+        return np.gradient(np.log(moderator_spectrum(grid)), np.log(grid))
+
     def pixel_strain(self, bank: Bank) -> np.ndarray:
         """Elastic strain of the lattice planes each pixel sees (none: a stress-free powder)."""
         return np.zeros(bank.detector_number.size)
@@ -198,8 +204,12 @@ class PowderDiffractometer(EventNexusRuns):
             draw = int(missing * 1.02) + 16
             pixel, component = np.divmod(categorical(rng, rates, draw), rates.shape[1])
             two_theta = geometry.two_theta[pixel]
-            spread = 1 + self.resolution(two_theta) * rng.standard_normal(draw)
-            d_event = d[np.minimum(component, d.size - 1)] * (1 + strain[pixel]) * spread
+            d_peak = d[np.minimum(component, d.size - 1)] * (1 + strain[pixel])
+            # a Gaussian peak seen through the incident flux F(λ): the flux's slope across the peak tilts it,
+            # which moves its centre by σ² · dlnF/dlnλ (so a flux-normalised peak sits at d_peak)
+            sigma = self.resolution(two_theta)
+            tilt = np.interp(2 * np.sin(two_theta / 2) * d_peak, self.wavelengths, self.flux_log_slope)
+            d_event = d_peak * (1 + sigma * rng.standard_normal(draw) + sigma**2 * tilt)
             wavelength = 2 * np.sin(two_theta / 2) * d_event
             background = component == d.size
             grid = self.wavelengths
