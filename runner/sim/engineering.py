@@ -76,7 +76,7 @@ class EngineeringDiffractometer(PowderDiffractometer):
         return np.einsum("ni,ij,nj->n", q, self.strain_tensor, q)
 
     def title(self, run: int) -> str:
-        return f"{self.sample} ferritic steel bar under load, 4x4x4 mm gauge volume, run {run}"
+        return f"ferritic steel ({self.sample}) tensile bar under load, 4x4x4 mm gauge volume, run {run}"
 
     def write_extras(self, entry: h5py.Group, instrument: h5py.Group) -> None:
         super().write_extras(entry, instrument)
