@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import h5py
+import nbformat
 import numpy as np
 import pytest
 import scipp as sc
@@ -140,8 +141,11 @@ def succeeded(reductions: Reductions, name: str) -> StatusEvent:
 
 
 def archived(reductions: Reductions, final: StatusEvent) -> dict[str, Path]:
+    """The run's output files; the version folder holds exactly them, the executed notebook and the job record."""
     paths = {Path(p).name: reductions.settings.archive / p for p in final.output_files}
-    assert all(p.is_file() for p in paths.values())
+    notebook = reductions.settings.archive / final.notebook
+    assert {p.name for p in notebook.parent.iterdir()} == {*paths, notebook.name, "job.json"}
+    assert sorted(final.scraps["output_files"]) == sorted(paths)
     return paths
 
 
@@ -266,6 +270,33 @@ def test_mismatched_or_broken_file_fails_with_the_reason(reductions: Reductions,
     final = reductions.finals[name]
     assert final.state is JobState.FAILED
     assert reason in (final.reason or ""), final.reason
+
+
+@pytest.mark.parametrize("family", ["powder-diffraction", "engineering-diffraction"])
+def test_template_contract(family: str) -> None:
+    """Stored without outputs, the environment's kernelspec, a typed and commented parameters cell first."""
+    registry = TemplateRegistry(REPO / "notebooks")
+    members = [name for name in registry.instruments() if registry.config(name).family == family]
+    templates = [registry.resolve(name) for name in members]
+    assert {t.path for t in templates} == {REPO / "notebooks" / "techniques" / family / "reduce.ipynb"}
+    nb = nbformat.read(templates[0].path, as_version=4)
+    assert nb.metadata.kernelspec.name == "nbreduce-diffraction"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert all(not cell.outputs and cell.execution_count is None for cell in code)
+    parameters = templates[0].parameters()
+    assert {"data_file", "output_dir", "run_number", "rb_number", "instrument"} <= parameters.keys()
+    for name, info in parameters.items():
+        assert info["inferred_type_name"] not in ("None", ""), f"{name} has no type annotation"
+        assert info["help"], f"{name} has no help comment"
+    assert parameters["normalisation"]["help"].startswith("one of: monitor, proton_charge, none;")
+    for template in templates:
+        config = template.config
+        assert config.enabled and config.environment == "diffraction"
+        assert {"l1", "bank_two_theta"} <= config.constants.keys()
+        assert (set(config.parameters) | set(config.constants)) <= parameters.keys()
+        specs = {spec.name: spec for spec in template.specs()}
+        assert all(specs[name].fixed for name in config.constants)
 
 
 def test_every_instrument_of_the_families_is_tested() -> None:
