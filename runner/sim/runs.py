@@ -20,6 +20,7 @@ from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.isis.layout import LastRunError, current_cycle, instrument_dir, lastrun_file, read_lastrun, write_lastrun
 from runner.sim.diffraction import PowderDiffractometer
+from runner.sim.engineering import EngineeringDiffractometer
 from runner.sim.imaging import ImagingInstrument
 from runner.sim.indirect import IndirectSpectrometer
 from runner.sim.muon import MuonSpectrometer
@@ -36,6 +37,7 @@ DEFAULT_EVENTS = 200_000
 #: Simulation model of each technique family (``family`` in instrument.toml).
 FAMILIES: dict[str, type[SimulatedInstrument]] = {
     "powder-diffraction": PowderDiffractometer,
+    "engineering-diffraction": EngineeringDiffractometer,
     "direct-spectroscopy": ChopperSpectrometer,
     "indirect-spectroscopy": IndirectSpectrometer,
     "sans": SansInstrument,
