@@ -114,7 +114,7 @@ def main() -> None:
     notebooks = work / "notebooks"
     notebooks.mkdir()
     shutil.copytree(REPO / "bench" / "notebooks" / "TRIVIAL", notebooks / "TRIVIAL")
-    for inst in ("WISH", "MARI"):
+    for inst in ("WISH", "MARI", "techniques"):
         if (REPO / "notebooks" / inst).is_dir():
             shutil.copytree(REPO / "notebooks" / inst, notebooks / inst, ignore=shutil.ignore_patterns("sample_*"))
     env = {**os.environ, "NBREDUCE_HOME": str(work / "home"), "NBREDUCE_NOTEBOOKS": str(notebooks),
@@ -140,9 +140,11 @@ def main() -> None:
     from runner.kernels.environments import build
     from runner.sim.runs import simulate
 
-    t0 = time.perf_counter()
-    result = build(settings, ["scipp"])[0]
-    rows.append((f"`nbreduce env build scipp` ({result.status}, from uv's cache)", f"{time.perf_counter() - t0:.1f} s"))
+    for name in ("scipp", "diffraction", "spectroscopy"):
+        t0 = time.perf_counter()
+        result = build(settings, [name])[0]
+        rows.append((f"`nbreduce env build {name}` ({result.status}, from uv's cache)",
+                     f"{time.perf_counter() - t0:.1f} s"))
     scipp_runs = {inst: simulate(settings, inst, 1, publish=False)[0] for inst in ("WISH", "MARI")
                   if (notebooks / inst).is_dir()}
 
