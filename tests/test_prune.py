@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from runner.archive.prune import PruneRefused, parse_duration, prune
 from runner.archive.store import Archive
 from runner.bus.models import JobState, StatusEvent, utcnow
-from runner.cli.prune import prune_command
+from runner.cli.archive import prune_command
 from runner.config import Settings
 
 

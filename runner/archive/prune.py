@@ -15,13 +15,12 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydantic import BaseModel, Field, computed_field
 
-from runner.archive.store import RECORD, STAGING
+from runner.archive.layout import RECORD, version_dirs
 from runner.bus.models import StatusEvent, utcnow
 from runner.bus.topics import REDUCTION_STATUS, TOPICS
 from runner.config import Settings
@@ -29,9 +28,6 @@ from runner.config import Settings
 MIN_AGE_SETTING = "NBREDUCE_RETENTION__ARCHIVE_MIN_AGE_DAYS"
 _DURATION = re.compile(r"^\s*(\d+)\s*([dwy])\s*$")
 _UNIT_DAYS = {"d": 1, "w": 7, "y": 365}
-_RB = re.compile(r"^RB[0-9]+$")
-_RUN = re.compile(r"^[0-9]+(-[0-9]+)?$")
-_VERSION = re.compile(r"^v[0-9]+$")
 
 
 class PruneRefused(ValueError):
@@ -102,19 +98,6 @@ class PruneReport(BaseModel):
     @property
     def errors(self) -> list[PrunedVersion]:
         return [v for v in self.versions if v.error]
-
-
-def _subdirs(folder: Path, pattern: re.Pattern[str] | None = None) -> Iterator[Path]:
-    """Real sub-folders (symlinks excluded) whose name fits the layout; hidden ones never do."""
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-            continue
-        if pattern is None or pattern.match(entry.name):
-            yield Path(entry.path)
 
 
 def _finished_at(version: Path) -> tuple[str | None, datetime, str] | None:
@@ -188,31 +171,27 @@ def prune(settings: Settings, older_than: timedelta, dry_run: bool = False, inst
     report = PruneReport(archive=root, cutoff=now - older_than, dry_run=dry_run,
                          instrument=instrument.strip().upper() if instrument else None)
     touched: list[Path] = []
-    for inst_dir in _subdirs(root):
-        if inst_dir.name == STAGING or (report.instrument and inst_dir.name != report.instrument):
+    for version in version_dirs(root, report.instrument):
+        run_dir = version.parent
+        relative = str(version.relative_to(root))
+        found = _finished_at(version)
+        if found is None:
+            report.in_progress.append(relative)
             continue
-        for rb_dir in _subdirs(inst_dir, _RB):
-            for run_dir in _subdirs(rb_dir, _RUN):
-                for version in _subdirs(run_dir, _VERSION):
-                    relative = str(version.relative_to(root))
-                    found = _finished_at(version)
-                    if found is None:
-                        report.in_progress.append(relative)
-                        continue
-                    job_id, finished, source = found
-                    if finished >= report.cutoff:
-                        continue
-                    entry = PrunedVersion(path=relative, job_id=job_id, finished_at=finished, age_from=source,
-                                          bytes=_size(version))
-                    report.versions.append(entry)
-                    if dry_run:
-                        continue
-                    try:
-                        _remove_version(version)
-                        entry.removed = True
-                        touched.append(run_dir)
-                    except OSError as exc:
-                        entry.error = f"{type(exc).__name__}: {exc}"
+        job_id, finished, source = found
+        if finished >= report.cutoff:
+            continue
+        entry = PrunedVersion(path=relative, job_id=job_id, finished_at=finished, age_from=source,
+                              bytes=_size(version))
+        report.versions.append(entry)
+        if dry_run:
+            continue
+        try:
+            _remove_version(version)
+            entry.removed = True
+            touched.append(run_dir)
+        except OSError as exc:
+            entry.error = f"{type(exc).__name__}: {exc}"
     for run_dir in dict.fromkeys(touched):
         report.removed_folders += [str(p.relative_to(root)) for p in _remove_empty_parents(run_dir, root)]
     return report

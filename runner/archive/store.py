@@ -25,17 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from runner.archive.integrity import VersionRecord, digest_version
+from runner.archive.layout import RECORD, STAGING, run_label
 from runner.atomic import write_atomic
 from runner.bus.models import StatusEvent
 
-STAGING = ".staging"
-RECORD = "job.json"
 _RESERVATION = ".reservation.json"
-
-
-def run_label(runs: list[int]) -> str:
-    """Folder name of a run, or of a multi-run job (``first-last``)."""
-    return str(runs[0]) if len(runs) == 1 else f"{min(runs)}-{max(runs)}"
 
 
 class ReservationBusy(RuntimeError):
@@ -135,10 +130,12 @@ class Archive:
         return Reservation(job_id, version, staging, run_dir / f"v{version}", name, lock)
 
     def publish(self, reservation: Reservation, record: StatusEvent) -> Path:
-        """Move the notebook in, write the record last (atomically), make the version read-only."""
+        """Move the notebook in, write the record with every file's digest last (atomically), make the
+        version read-only."""
         if reservation.staged_notebook.exists():
             os.replace(reservation.staged_notebook, reservation.notebook)
-        write_atomic(reservation.final / RECORD, record.model_dump_json(indent=2, exclude_none=True))
+        stored = VersionRecord(**record.model_dump(), files=digest_version(reservation.final))
+        write_atomic(reservation.final / RECORD, stored.model_dump_json(indent=2, exclude_none=True))
         make_read_only(reservation.final)
         self._unlock(reservation)
         return reservation.final

@@ -15,6 +15,7 @@ class NbreduceGroup(click.Group):
     ~0.4 s and tens of MB, which a runner or ``nbreduce runs`` should not pay): click's lazy-group pattern."""
 
     lazy = {
+        "archive": "runner.cli.archive:archive_commands",
         "broker": "runner.cli.broker:broker",
         "config": "runner.cli.config:config",
         "dead-letters": "runner.cli.jobs:dead_letters",
@@ -22,7 +23,7 @@ class NbreduceGroup(click.Group):
         "env": "runner.cli.env:env_commands",
         "hub": "runner.cli.hub:hub_command",
         "multirun": "runner.cli.triggers:multirun",
-        "prune": "runner.cli.prune:prune_command",
+        "prune": "runner.cli.archive:prune_command",
         "replay": "runner.cli.replay:replay_command",
         "runner": "runner.cli.runner:runner",
         "runners": "runner.cli.runner:runners",

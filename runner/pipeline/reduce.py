@@ -23,7 +23,8 @@ from typing import Any
 from confluent_kafka import Message
 from pydantic import ValidationError
 
-from runner.archive.store import RECORD, Archive, Reservation, run_label
+from runner.archive.layout import RECORD, run_label
+from runner.archive.store import Archive, Reservation
 from runner.bus.clients import Publisher
 from runner.bus.models import DeadLetter, JobState, ReductionRequest, RunCompletion, StatusEvent, TriggerRef, utcnow
 from runner.bus.status import StatusView

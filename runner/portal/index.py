@@ -16,7 +16,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from runner.archive.store import run_label
+from runner.archive.layout import run_label
 from runner.bus.models import JobState, StatusEvent
 from runner.hub.access import Access
 

@@ -1,4 +1,4 @@
-"""``nbreduce prune``."""
+"""``nbreduce archive verify|prune`` (and ``nbreduce prune``): the archive's integrity and retention."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import click
 
+from runner.archive.integrity import verify
 from runner.archive.prune import PruneRefused, human_size, parse_duration, prune
 from runner.config import Settings
 
@@ -47,3 +48,33 @@ def prune_command(older_than: timedelta, dry_run: bool, instrument: str | None, 
                    f"{f'; {len(report.in_progress)} in progress left alone' if report.in_progress else ''}")
     if report.errors:
         raise click.ClickException(f"{len(report.errors)} version(s) could not be removed")
+
+
+@click.group("archive")
+def archive_commands() -> None:
+    """The archive of executed notebooks: integrity and retention."""
+
+
+archive_commands.add_command(prune_command, "prune")
+
+
+@archive_commands.command("verify")
+@click.option("--instrument", "-i", default=None, help="Only this instrument's versions.")
+@click.option("--rb", default=None, help="Only this experiment's versions.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_command(instrument: str | None, rb: str | None, as_json: bool) -> None:
+    """Compare every published version with the file digests recorded when it was published.
+
+    Reports files changed, missing or added since; exits 1 if any version differs (or has no record).
+    """
+    report = verify(Settings.from_env().archive, instrument, rb)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        for check in report.problems:
+            click.echo(f"{check.version}: {check.summary()}")
+        verified = sum(check.files for check in report.versions if check.ok)
+        click.echo(f"{len(report.versions)} version(s) checked, {len(report.problems)} with problems, "
+                   f"{verified} files unchanged under {report.archive}")
+    if report.problems:
+        raise SystemExit(1)
