@@ -29,10 +29,29 @@ def test_versions_group_into_runs_and_order_is_stable() -> None:
     everyone = Access(admin=True)
     assert keys(index.query(everyone, RunFilter())) == ["11", "10"]
     run = index.run_of("a2")
-    assert [j.job_id for j in run.versions()] == ["a1", "a2"] and run.state is JobState.RUNNING
+    assert [j.job_id for j in run.versions()] == ["a1", "a2"]
+    assert run.state is JobState.SUCCEEDED and run.latest.job_id == "a1" and run.active.job_id == "a2"
     index.apply(event("a2", 10, 6, state=JobState.FAILED, version=2))
-    assert index.query(everyone, RunFilter(state=JobState.FAILED)).runs == [run]
-    assert len(index) == 2 and len(index.jobs) == 3
+    assert run.latest.job_id == "a1" and run.active is None  # a failed rerun does not hide the result
+    assert index.query(everyone, RunFilter(state=JobState.FAILED)).runs == []
+    index.apply(event("b2", 11, 7, state=JobState.FAILED, version=2))
+    index.apply(event("c1", 12, 8, state=JobState.FAILED, version=1))
+    assert keys(index.query(everyone, RunFilter(state=JobState.FAILED))) == ["12"]
+    assert len(index) == 3 and len(index.jobs) == 5
+
+
+def test_a_rejected_request_never_hides_a_version() -> None:
+    index = RunIndex()
+    index.apply(event("v1", 20, 0, version=1, run_title="vanadium"))
+    index.apply(event("r", 20, 5, state=JobState.REJECTED, reason="unknown parameter(s) bins"))
+    index.apply(event("q", 20, 6, state=JobState.QUEUED))
+    run = index.run_of("r")
+    assert run.latest.job_id == "v1" and run.title == "vanadium" and run.state is JobState.SUCCEEDED
+    assert [j.job_id for j in run.versions()] == ["v1"] and [j.job_id for j in run.requests()] == ["r", "q"]
+    assert run.active.job_id == "q"
+    only = RunIndex()
+    only.apply(event("r", 21, 0, state=JobState.REJECTED, reason="no valid RB"))
+    assert only.run_of("r").latest.job_id == "r" and only.run_of("r").versions() == []
 
 
 def test_access_and_filters_use_the_smallest_list() -> None:

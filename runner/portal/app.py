@@ -229,8 +229,9 @@ class RunListApiHandler(RunListHandler):
 def run_summary(run: Run) -> dict[str, Any]:
     latest = run.latest
     return {"instrument": run.instrument, "rb_number": run.rb, "run": run.label, "state": latest.state.value,
-            "latest_job": latest.job_id, "version": latest.version, "versions": len(run.jobs),
-            "title": latest.run_title, "requested_by": latest.requested_by,
+            "latest_job": latest.job_id, "version": latest.version, "versions": len(run.versions()),
+            "title": run.title, "active_job": run.active.job_id if run.active else None,
+            "requested_by": latest.requested_by,
             "queued_at": latest.queued_at.isoformat() if latest.queued_at else None}
 
 
@@ -277,7 +278,8 @@ class JobHandler(BaseHandler):
         plots = [name for name in downloads if Path(name).suffix.lower() in IMAGE_SUFFIXES]
         lab = (f"{self.hub_auth.hub_prefix}user-redirect/lab/tree/reductions/{job.notebook}"
                if job.notebook and notebook is not None and notebook.is_file() else None)
-        self.page("job.html", job=job, run=run, versions=run.versions() if run else [job],
+        self.page("job.html", job=job, run=run, versions=run.versions() if run else [job] if job.version else [],
+                  requests=run.requests() if run else [] if job.version else [job],
                   downloads=[n for n in downloads if downloads[n].is_file()], images=images, plots=plots,
                   lab_url=lab, has_notebook=lab is not None, durations=durations(job),
                   requested=self.get_argument("requested", None))
@@ -290,7 +292,9 @@ class JobApiHandler(BaseHandler):
         run = self.portal.index.run_of(job_id)
         self.finish({"job": json.loads(job.model_dump_json()),
                      "versions": [{"job_id": v.job_id, "version": v.version, "state": v.state.value}
-                                  for v in (run.versions() if run else [job])]})
+                                  for v in (run.versions() if run else [job] if job.version else [])],
+                     "requests": [{"job_id": r.job_id, "state": r.state.value, "reason": r.reason}
+                                  for r in (run.requests() if run else [] if job.version else [job])]})
 
 
 def durations(job: StatusEvent) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -54,13 +55,27 @@ class Run:
 
     def add(self, event: StatusEvent) -> None:
         self.jobs[event.job_id] = event
-        self.latest = max(self.jobs.values(), key=_order_in_run)
+        self.latest = shown_job(self.jobs.values())
         self.created = min(self.created, _when(event))
         self.text = " ".join({(e.run_title or "") + " " + (e.requested_by or "") for e in self.jobs.values()}).lower()
 
     def versions(self) -> list[StatusEvent]:
-        """Jobs oldest first; versions in order, jobs without a version yet (queued) last."""
-        return sorted(self.jobs.values(), key=_order_in_run)
+        """Jobs that have a version folder, oldest first."""
+        return sorted((e for e in self.jobs.values() if e.version is not None), key=_order_in_run)
+
+    def requests(self) -> list[StatusEvent]:
+        """Jobs without a version: waiting to run, or refused before they ran (rejected, skipped, failed)."""
+        return sorted((e for e in self.jobs.values() if e.version is None), key=_when)
+
+    @property
+    def active(self) -> StatusEvent | None:
+        """The newest job still queued or running, when it is not the one shown."""
+        live = [e for e in self.jobs.values() if not e.state.final and e is not self.latest]
+        return max(live, key=_when) if live else None
+
+    @property
+    def title(self) -> str:
+        return self.latest.run_title or next((e.run_title for e in self.jobs.values() if e.run_title), "")
 
     @property
     def state(self) -> JobState:
@@ -73,6 +88,15 @@ def _when(event: StatusEvent) -> float:
 
 def _order_in_run(event: StatusEvent) -> tuple[int, float]:
     return (event.version if event.version is not None else 1 << 40, _when(event))
+
+
+def shown_job(jobs: Iterable[StatusEvent]) -> StatusEvent:
+    """The job a run is shown as: its latest succeeded version; else its latest version (running, failed...);
+    else its latest request. A rejected or still-queued rerun never hides a result."""
+    jobs = list(jobs)
+    succeeded = [e for e in jobs if e.version is not None and e.state is JobState.SUCCEEDED]
+    versioned = [e for e in jobs if e.version is not None]
+    return max(succeeded or versioned or jobs, key=_order_in_run)
 
 
 def run_key(event: StatusEvent) -> RunKey:
@@ -152,7 +176,7 @@ class RunIndex:
             self._remove(run, run.created)
             del self.runs[key]
         else:
-            run.latest = max(run.jobs.values(), key=_order_in_run)
+            run.latest = shown_job(run.jobs.values())
 
     def run_of(self, job_id: str) -> Run | None:
         key = self._job_run.get(job_id)
