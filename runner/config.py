@@ -180,6 +180,10 @@ class Settings(BaseSettings):
     home: Path = Path("~/.nbreduce")
     #: The archive of executed notebooks and outputs (default ``<home>/archive``).
     archive: Path | None = None
+    #: Who may read the archive, enforced by the operating system: ``open`` (the umask; mounts decide, as with
+    #: KubeSpawner) or ``experiment-groups`` (one Unix group per experiment and instrument, ACLs; needs root),
+    #: or ``module:Class`` (runner.archive.permissions).
+    archive_permissions: str = "open"
     #: Folders run data may be read from (``os.pathsep``-separated; default ``<home>/data``).
     data_roots: PathList = Field(default_factory=list)
     #: Instrument templates (default: the checkout's ``notebooks/``).

@@ -27,6 +27,7 @@ from typing import IO
 
 from runner.archive.integrity import VersionRecord, digest_version
 from runner.archive.layout import RECORD, STAGING, run_label
+from runner.archive.permissions import ArchivePermissions, OpenPermissions
 from runner.atomic import write_atomic
 from runner.bus.models import StatusEvent
 
@@ -59,8 +60,22 @@ class Reservation:
 class Archive:
     """Reserve, stage and publish versions under one archive root."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, permissions: ArchivePermissions | None = None):
         self.root = Path(root)
+        #: Applied to every instrument and experiment folder this archive creates (runner.archive.permissions).
+        self.permissions = permissions or OpenPermissions()
+
+    def _experiment_dir(self, instrument: str, rb_number: str) -> None:
+        """Create ``<INST>/RB<rb>`` with the permissions of the policy before anything is written into it."""
+        inst_dir = self.root / instrument
+        rb_dir = inst_dir / f"RB{rb_number}"
+        if rb_dir.is_dir():
+            return
+        new_instrument = not inst_dir.is_dir()
+        rb_dir.mkdir(parents=True, exist_ok=True)
+        if new_instrument:
+            self.permissions.instrument(inst_dir, instrument)
+        self.permissions.experiment(rb_dir, instrument, rb_number)
 
     def run_dir(self, instrument: str, rb_number: str, runs: list[int]) -> Path:
         path = (self.root / instrument / f"RB{rb_number}" / run_label(runs)).resolve()
@@ -101,6 +116,7 @@ class Archive:
         name = f"{instrument}_{run_label(runs)}.ipynb"
         lock = _lock(self.root / STAGING / f"{job_id}.lock")
         try:
+            self._experiment_dir(instrument, rb_number)
             return self._reserve(job_id, run_dir, staging, marker, name, lock)
         except BaseException:
             lock.close()

@@ -78,3 +78,15 @@ def verify_command(instrument: str | None, rb: str | None, as_json: bool) -> Non
                    f"{verified} files unchanged under {report.archive}")
     if report.problems:
         raise SystemExit(1)
+
+
+@archive_commands.command("permissions")
+def permissions_command() -> None:
+    """(Re)apply the archive permissions policy (NBREDUCE_ARCHIVE_PERMISSIONS) to every existing folder."""
+    from runner.archive.permissions import archive_permissions
+
+    settings = Settings.from_env()
+    policy = archive_permissions(settings.archive_permissions)
+    settings.archive.mkdir(parents=True, exist_ok=True)
+    count = policy.apply(settings.archive)
+    click.echo(f"{policy.name}: applied to {count} experiment folder(s) under {settings.archive}")

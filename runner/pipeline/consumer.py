@@ -27,6 +27,7 @@ from enum import Enum
 
 from confluent_kafka import KafkaException, Message
 
+from runner.archive.permissions import archive_permissions
 from runner.archive.store import ReservationBusy
 from runner.bus.clients import Publisher
 from runner.bus.health import RunnerHealth
@@ -137,6 +138,7 @@ class Runner:
         """The runner's collaborators, started for the life of :meth:`run`: a publisher, the job states
         (rebuilt from the status topic), instrument scientists' defaults (followed live) and kernels."""
         self.settings.archive.mkdir(parents=True, exist_ok=True)
+        archive_permissions(self.settings.archive_permissions).root(self.settings.archive)
         publisher = Publisher(self.settings)
         followers = threading.Event()
         try:

@@ -24,6 +24,7 @@ from confluent_kafka import Message
 from pydantic import ValidationError
 
 from runner.archive.layout import RECORD, run_label
+from runner.archive.permissions import archive_permissions
 from runner.archive.store import Archive, Reservation
 from runner.bus.clients import Publisher
 from runner.bus.models import DeadLetter, JobState, ReductionRequest, RunCompletion, StatusEvent, TriggerRef, utcnow
@@ -97,7 +98,7 @@ class Reducer:
                  status: StatusView, publisher: Publisher, identity: str, stop: threading.Event | None = None):
         self.settings = settings
         self.registry = TemplateRegistry(settings.notebooks)
-        self.archive = Archive(settings.archive)
+        self.archive = Archive(settings.archive, archive_permissions(settings.archive_permissions))
         self.kernels = kernels
         self.defaults = defaults
         self.status = status
