@@ -11,7 +11,7 @@ from pathlib import Path
 
 from runner.config import Settings
 from runner.hub.launch import hub_config_dir, hub_dir, proxy_command
-from runner.hub.spawn import pre_spawn_hook
+from runner.hub.spawn import pre_spawn_hook, system_users
 
 settings = Settings()
 hub = settings.hub
@@ -35,18 +35,30 @@ c.JupyterHub.authenticator_class = "runner.hub.auth.MembershipAuthenticator"
 c.MembershipAuthenticator.membership_file = str(hub.membership or hub_config_dir() / "membership.yaml")
 c.MembershipAuthenticator.demo_password = hub.demo_password.get_secret_value()
 
-# -- spawner: local JupyterLab servers, one home per user under the hub state -----------------------------
+# -- spawner: local JupyterLab servers ---------------------------------------------------------------------
+# As root (or NBREDUCE_HUB__SYSTEM_USERS=true) every user's server runs as their own unprivileged account, in the
+# lab environment every account can run; otherwise as the hub's user. pre_spawn_hook prepares the home either way.
 # (swap for kubespawner.KubeSpawner in production: pre_spawn_hook and the contents manager stay)
-c.JupyterHub.spawner_class = "simple"
-c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
+if system_users(settings):
+    from runner.hub.labenv import lab_python
+
+    c.JupyterHub.spawner_class = "localprocess"
+    server_python = str(hub.lab_python or lab_python(settings))
+else:
+    c.JupyterHub.spawner_class = "simple"
+    c.SimpleLocalProcessSpawner.home_dir_template = str(state / "users" / "{username}")
+    server_python = str(hub.lab_python or sys.executable)
 c.Spawner.pre_spawn_hook = pre_spawn_hook
-c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
+c.Spawner.cmd = [server_python, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = [
     "--ServerApp.contents_manager_class=runner.hub.contents.ReductionsContentsManager",
-    # the demo may run as root; read-only reductions are enforced by the contents manager, not file modes
-    "--ServerApp.allow_root=True",
+    "--ServerApp.jpserver_extensions=runner.hub.workcopy=True",
+    # without system users the demo may run as root; read-only reductions are then enforced by the contents
+    # manager (and the archive's file modes), not by accounts
+    *([] if system_users(settings) else ["--ServerApp.allow_root=True"]),
 ]
-c.Spawner.default_url = "/lab/tree/reductions"
+c.Spawner.default_url = "/lab/tree/work"
+c.Spawner.notebook_dir = "~"
 c.Spawner.env_keep = ["PATH", "LANG", "LC_ALL", "PYTHONPATH", "JUPYTERHUB_SINGLEUSER_APP",
                       "PYDEVD_DISABLE_FILE_VALIDATION"]
 c.Spawner.start_timeout = int(hub.start_timeout_seconds)
@@ -65,12 +77,16 @@ c.JupyterHub.services = [
         "cwd": str(Path(state)),
         "environment": portal_env,
         "oauth_no_confirm": True,
+        # a busy machine takes more than JupyterHub's default 30 s to start the portal
+        "timeout": int(hub.start_timeout_seconds),
         # the portal decides access from the user's groups (rb-*, instrument-*, admin)
         "oauth_client_allowed_scopes": ["read:users:groups!user"],
     }
 ]
 # every user may log in to the portal; what they see there is decided by their groups
 c.JupyterHub.extra_user_scopes = {"access:services!service=portal"}
-c.JupyterHub.default_url = "/hub/home"
+# users arrive at the portal; the hub's home page (hub_config/templates/home.html) leads there too
+c.JupyterHub.default_url = "/services/portal/"
+c.JupyterHub.template_paths = [str(hub_config_dir() / "templates")]
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True

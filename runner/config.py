@@ -119,6 +119,10 @@ class KernelSettings(BaseModel):
     start_timeout_seconds: float = Field(60.0, gt=0)
     #: Conda front end for conda environments (default: the first of micromamba, mamba, conda on PATH).
     conda: str | None = None
+    #: Interpreter that uv environments are built on (default: the version environment.toml asks for). Kernels of
+    #: unprivileged accounts need one every account may run, e.g. ``/usr/bin/python3`` (a venv's interpreter is
+    #: its base interpreter: one under /root cannot run as another user).
+    python: str | None = None
 
 
 class TriggerSettings(BaseModel):
@@ -159,6 +163,12 @@ class HubSettings(BaseModel):
     start_timeout_seconds: float = Field(120.0, gt=0)
     #: What one user may see, handed to their single-user server by the spawner (JSON of runner.hub.access.Access).
     access: str | None = None
+    #: Start each user's server as an unprivileged system account of their name (JupyterHub's LocalProcessSpawner),
+    #: with the experiment groups of their membership; unset: when the hub runs as root.
+    system_users: bool | None = None
+    #: Interpreter of the single-user servers; unset: the hub's own, or with system users a JupyterLab
+    #: environment built on ``kernels.python`` (or /usr/bin/python3) under ``<home>/lab``.
+    lab_python: Path | None = None
 
 
 class PortalSettings(BaseModel):

@@ -78,13 +78,17 @@ def test_authenticator_checks_password_and_membership() -> None:
         MembershipAuthenticator(membership=StaticMembership(MEMBERSHIP), demo_password="short").check_allow_config()
 
 
-def test_pre_spawn_hook_hands_access_to_the_server(settings, tmp_path: Path) -> None:
-    user = SimpleNamespace(groups=[SimpleNamespace(name="rb-1920001"), SimpleNamespace(name="instrument-WISH")],
-                           admin=False)
+def test_pre_spawn_hook_hands_access_to_the_server(settings, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NBREDUCE_HUB__SYSTEM_USERS", "false")  # accounts: tests/test_isolation.py, test_hub.py
+    user = SimpleNamespace(name="alice", admin=False,
+                           groups=[SimpleNamespace(name="rb-1920001"), SimpleNamespace(name="instrument-WISH")])
     spawner = SimpleNamespace(user=user, environment={"KEEP": "1"}, home_dir=str(tmp_path / "users" / "alice"))
     pre_spawn_hook(spawner)
     env = spawner.environment
     assert json.loads(env[ACCESS_ENV]) == {"rbs": ["1920001"], "instruments": ["WISH"], "admin": False}
     assert env["KEEP"] == "1" and env["NBREDUCE_ARCHIVE"] == str(settings.archive)
     assert env["JUPYTER_PATH"].split(":")[0] == str(settings.jupyter_dir)
-    assert Path(spawner.home_dir).is_dir()
+    home = Path(spawner.home_dir)
+    assert (home / "work").is_dir() and (home / "reductions" / "WISH").resolve() == settings.archive / "WISH"
+    assert (home / "reductions" / "MARI" / "RB1920001").is_symlink()  # an experiment on another instrument

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from runner.hub.launch import start_hub, stop_hub
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PASSWORD = "test-demo-password"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @dataclass
@@ -73,11 +76,16 @@ def wait_http(url: str, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
-    home = tmp_path_factory.mktemp("hub") / "home"
+def hub() -> Iterator[Hub]:
+    # as root, users' servers run as their own accounts: the home must be reachable by them (pytest's temporary
+    # folders are private to root), and kernels need an interpreter every account can run
+    top = Path(tempfile.mkdtemp(prefix="nbreduce-hub-", dir="/tmp"))
+    top.chmod(0o755)
+    home = top / "home"
     home.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NBREDUCE_HOME", str(home))
+        mp.setenv("NBREDUCE_KERNELS__PYTHON", "/usr/bin/python3")
         mp.setenv("NBREDUCE_DATA_ROOTS", str(home / "data"))
         mp.delenv("NBREDUCE_BROKER__BOOTSTRAP_SERVERS", raising=False)
         mp.setenv("NBREDUCE_NOTEBOOKS", str(home / "notebooks"))
@@ -103,6 +111,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         finally:
             stop_hub(proc)
             broker.stop()
+            ARTIFACTS.mkdir(exist_ok=True)  # the hub's log, for when a test failed
+            shutil.copy(log, ARTIFACTS / "hub.log")
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def test_hub_state_lives_under_nbreduce_home(hub: Hub) -> None:

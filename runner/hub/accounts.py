@@ -23,6 +23,8 @@ from runner.archive.permissions import ADMIN_GROUP, ensure_group, experiment_gro
 from runner.hub.access import Access
 
 NOLOGIN = "/usr/sbin/nologin"
+#: The comment (GECOS) of accounts nbreduce created: only those does it move or change.
+MARKER = "nbreduce hub user"
 
 
 def groups_of(access: Access) -> list[str]:
@@ -33,7 +35,11 @@ def groups_of(access: Access) -> list[str]:
 
 
 def ensure_account(name: str, home: Path, groups: Iterable[str]) -> pwd.struct_passwd:
-    """An unprivileged system account ``name`` with ``home``, member of exactly ``groups`` (created as needed)."""
+    """An unprivileged system account ``name``, member of exactly ``groups`` (created as needed).
+
+    An account nbreduce created lives in ``home`` (moved there if it was elsewhere, e.g. another hub's state);
+    an existing account of the machine keeps its own home.
+    """
     groups = list(groups)
     for group in groups:
         ensure_group(group)
@@ -41,11 +47,15 @@ def ensure_account(name: str, home: Path, groups: Iterable[str]) -> pwd.struct_p
         entry = pwd.getpwnam(name)
     except KeyError:
         home.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["useradd", "--system", "--user-group", "--home-dir", str(home), "--shell", NOLOGIN, name],
-                       check=True, capture_output=True)
+        subprocess.run(["useradd", "--system", "--user-group", "--comment", MARKER, "--home-dir", str(home),
+                        "--shell", NOLOGIN, name], check=True, capture_output=True)
         entry = pwd.getpwnam(name)
     if entry.pw_uid == 0:
         raise PermissionError(f"refusing to spawn a server for {name}: it is a root account")
+    if entry.pw_gecos == MARKER and Path(entry.pw_dir) != home:
+        subprocess.run(["usermod", "--home", str(home), name], check=True, capture_output=True)
+        entry = pwd.getpwnam(name)
+    home = Path(entry.pw_dir)
     current = {g.gr_name for g in grp.getgrall() if name in g.gr_mem}
     if current != set(groups):  # exactly the membership's groups: a removed experiment is removed here too
         subprocess.run(["usermod", "-G", ",".join(groups), name], check=True, capture_output=True)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from runner.atomic import write_atomic
 from runner.bus.models import utcnow
-from runner.config import Settings
+from runner.config import PACKAGE_DIR, Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ RECORD_NAME = "nbreduce-build.json"
 #: Installed distributions of a build (``uv pip freeze`` / ``conda env export``), kept for provenance.
 FREEZE_NAME = "installed-packages.txt"
 KERNEL_PREFIX = "nbreduce-"
+#: The source checkout, installed into environments that ask for the project (``project = true``).
+PROJECT_DIR = PACKAGE_DIR.parent
 #: Entry point name of runner.kernels.provisioner.ForkProvisioner, named in the kernelspecs of uv builds.
 FORK_PROVISIONER = "nbreduce-fork"
 HASH_LEN = 12
@@ -75,6 +77,10 @@ class EnvironmentConfig(BaseModel):
     python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
     #: Python statements run in every warm kernel before it is handed out (imports, mostly).
     preload: list[str] = Field(default_factory=list)
+    #: Register kernelspecs for it (false for the servers' own environment, which is not a kernel).
+    kernel: bool = True
+    #: Install the nbreduce project itself into it (editable, no dependencies: the lock has them).
+    project: bool = False
 
 
 class Environment(BaseModel):
@@ -119,6 +125,8 @@ class BuildRecord(BaseModel):
     built_at: datetime = Field(default_factory=utcnow)
     builder: str
     path: Path
+    #: The interpreter requested from uv (``kernels.python``, else environment.toml's version).
+    python_request: str | None = None
 
 
 class BuildResult(BaseModel):
@@ -370,24 +378,34 @@ def _count_packages(freeze: str) -> int:
     return sum(1 for line in freeze.splitlines() if line.strip() and not line.lstrip().startswith("#"))
 
 
+def python_request(settings: Settings, env: Environment) -> str:
+    """What ``uv venv --python`` gets: ``kernels.python`` when set (an interpreter every account can run, for
+    kernels of unprivileged users), else the version environment.toml asks for."""
+    return settings.kernels.python or env.config.python
+
+
 def _build_uv(settings: Settings, env: Environment, final: Path) -> BuildRecord:
     """venv + locked install in a temporary folder, renamed into place only when complete."""
     tmp = settings.envs_dir / f".tmp-{env.name}-{env.hash12}-{uuid.uuid4().hex[:8]}"
     uv = uv_bin()
     try:
         # relocatable: entry-point scripts find their interpreter relatively, so the rename below is safe
-        _run([uv, "venv", "--quiet", "--relocatable", "--no-python-downloads", "--python", env.config.python,
-              str(tmp)], "uv venv")
+        _run([uv, "venv", "--quiet", "--relocatable", "--no-python-downloads", "--python",
+              python_request(settings, env), str(tmp)], "uv venv")
         python = tmp / "bin" / "python"
         _run([uv, "pip", "install", "--quiet", "--python", str(python), "--requirement", str(env.spec)],
              "uv pip install")
+        if env.config.project:  # the project itself, from its checkout (its dependencies are in the lock)
+            _run([uv, "pip", "install", "--quiet", "--no-deps", "--python", str(python), "--editable",
+                  str(PROJECT_DIR)], "uv pip install nbreduce")
         version = _probe(python)
         freeze = _run([uv, "pip", "freeze", "--python", str(python)], "uv pip freeze")
         (tmp / FREEZE_NAME).write_text(freeze)
         shutil.copy2(env.spec, tmp / env.spec.name)  # the exact spec travels with the build
         record = BuildRecord(environment=env.name, kind="uv", hash12=env.hash12, sha256=env.sha256,
                              spec_name=env.spec.name, python_version=version, packages=_count_packages(freeze),
-                             builder=f"uv {_run([uv, '--version'], 'uv --version').split()[1]}", path=final)
+                             builder=f"uv {_run([uv, '--version'], 'uv --version').split()[1]}", path=final,
+                             python_request=python_request(settings, env))
         (tmp / RECORD_NAME).write_text(record.model_dump_json(indent=2))
         os.rename(tmp, final)
         return record
@@ -431,6 +449,12 @@ def build_environment(settings: Settings, env: Environment) -> BuildResult:
     with _build_lock(settings, env.name):
         record = read_record(final)
         status: Literal["built", "unchanged"] = "unchanged"
+        if record is not None and env.kind == "uv" and (record.python_request or env.config.python) != \
+                python_request(settings, env):
+            log.info("rebuilding environment %s: interpreter %s requested, built with %s", env.name,
+                     python_request(settings, env), record.python_request or env.config.python)
+            shutil.rmtree(final)
+            record = None
         if record is None:
             if final.exists():  # an interrupted in-place (conda) build
                 shutil.rmtree(final)
@@ -438,9 +462,10 @@ def build_environment(settings: Settings, env: Environment) -> BuildResult:
             builder = _build_uv if env.kind == "uv" else _build_conda
             record = builder(settings, env, final)
             status = "built"
-        register_kernels(settings, env, final)
-    message = f"python {record.python_version}, {record.packages} packages; kernels {env.kernel_name}, " \
-              f"{env.exact_kernel_name}"
+        if env.config.kernel:
+            register_kernels(settings, env, final)
+    message = f"python {record.python_version}, {record.packages} packages" + (
+        f"; kernels {env.kernel_name}, {env.exact_kernel_name}" if env.config.kernel else "")
     return BuildResult(environment=env.name, hash12=env.hash12, status=status, path=final, message=message)
 
 
