@@ -88,5 +88,7 @@ c.JupyterHub.extra_user_scopes = {"access:services!service=portal"}
 # users arrive at the portal; the hub's home page (hub_config/templates/home.html) leads there too
 c.JupyterHub.default_url = "/services/portal/"
 c.JupyterHub.template_paths = [str(hub_config_dir() / "templates")]
+# a link to a user's server (the portal's "Open in JupyterLab") starts it when it is not running
+c.JupyterHub.implicit_spawn_seconds = 1
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.cleanup_proxy = True

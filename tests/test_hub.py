@@ -22,12 +22,14 @@ import requests
 import yaml
 from test_portal_support import MEMBERSHIP, seed
 
+from runner.archive.permissions import archive_permissions
 from runner.bus.clients import read_topic
 from runner.bus.embedded import EmbeddedBroker, free_port
 from runner.bus.models import ReductionRequest
 from runner.bus.topics import REDUCTION_REQUESTS
 from runner.config import Settings
 from runner.hub.launch import start_hub, stop_hub
+from runner.kernels.environments import build
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 PASSWORD = "test-demo-password"
@@ -86,6 +88,7 @@ def hub() -> Iterator[Hub]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NBREDUCE_HOME", str(home))
         mp.setenv("NBREDUCE_KERNELS__PYTHON", "/usr/bin/python3")
+        mp.setenv("NBREDUCE_ARCHIVE_PERMISSIONS", "experiment-groups")
         mp.setenv("NBREDUCE_DATA_ROOTS", str(home / "data"))
         mp.delenv("NBREDUCE_BROKER__BOOTSTRAP_SERVERS", raising=False)
         mp.setenv("NBREDUCE_NOTEBOOKS", str(home / "notebooks"))
@@ -93,6 +96,9 @@ def hub() -> Iterator[Hub]:
         broker = EmbeddedBroker(settings)
         broker.start(memory=True)
         jobs = seed(settings)
+        archive_permissions(settings.archive_permissions).apply(settings.archive)  # as a runner would have
+        [built] = build(settings, ["minimal"])  # an instrument kernel every account can run
+        assert built.status in ("built", "unchanged"), built.message
         kernel = settings.jupyter_dir / "kernels" / "nbreduce-testenv"
         kernel.mkdir(parents=True)
         (kernel / "kernel.json").write_text(json.dumps({

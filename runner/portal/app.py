@@ -28,12 +28,15 @@ from tornado import web
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 
+from runner.archive.integrity import cached_check
+from runner.archive.layout import RECORD
 from runner.bus.clients import Publisher
 from runner.bus.models import JobState, ReductionRequest, StatusEvent
 from runner.bus.status import StatusView
 from runner.bus.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
 from runner.config import Settings
 from runner.hub.access import Access
+from runner.hub.workcopy import ENDPOINT, REDUCTIONS
 from runner.portal.index import Run, RunFilter, RunIndex
 from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
 from runner.templates.defaults import DefaultsTable, ParameterDefaults, defaults_key
@@ -269,20 +272,27 @@ class EventsHandler(BaseHandler):
 
 class JobHandler(BaseHandler):
     @web.authenticated
-    def get(self, job_id: str) -> None:
+    async def get(self, job_id: str) -> None:
         job = self.job(job_id)
         run = self.portal.index.run_of(job_id)
         downloads = self.portal.downloads(job)
         notebook = downloads.get(Path(job.notebook).name) if job.notebook else None
         images = notebook_images(notebook) if notebook is not None and notebook.is_file() else []
         plots = [name for name in downloads if Path(name).suffix.lower() in IMAGE_SUFFIXES]
-        lab = (f"{self.hub_auth.hub_prefix}user-redirect/lab/tree/reductions/{job.notebook}"
-               if job.notebook and notebook is not None and notebook.is_file() else None)
+        has_notebook = bool(job.notebook) and notebook is not None and notebook.is_file()
+        user_redirect = f"{self.hub_auth.hub_prefix}user-redirect"
+        # the user's own copy in their server (work/...), and the read-only record in their reductions/ tree
+        copy_url = f"{user_redirect}/{ENDPOINT}?{urlencode({'path': f'{REDUCTIONS}/{job.notebook}'})}"
+        archived_url = f"{user_redirect}/lab/tree/{REDUCTIONS}/{job.notebook}"
+        folder = self.portal.version_dir(job)
+        integrity = None
+        if job.state.final and job.version and folder is not None and (folder / RECORD).is_file():
+            integrity = await IOLoop.current().run_in_executor(None, cached_check, folder)
         self.page("job.html", job=job, run=run, versions=run.versions() if run else [job] if job.version else [],
                   requests=run.requests() if run else [] if job.version else [job],
                   downloads=[n for n in downloads if downloads[n].is_file()], images=images, plots=plots,
-                  lab_url=lab, has_notebook=lab is not None, durations=durations(job),
-                  requested=self.get_argument("requested", None))
+                  copy_url=copy_url, archived_url=archived_url, has_notebook=has_notebook, integrity=integrity,
+                  durations=durations(job), requested=self.get_argument("requested", None))
 
 
 class JobApiHandler(BaseHandler):
