@@ -192,6 +192,7 @@ def _version_numbers(run_dir: Path) -> list[int]:
 
 def _lock(path: Path) -> IO[bytes]:
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)  # .staging: notebooks still being executed are nobody's business but the runner's
     handle = open(path, "ab")  # noqa: SIM115 - held for the life of the reservation
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

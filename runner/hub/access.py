@@ -43,12 +43,23 @@ class UserMembership(BaseModel):
     full_name: str = ""
 
 
+class Experiment(BaseModel):
+    """What the user office knows of an experiment (RB): its instrument and title."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instrument: InstrumentName
+    title: str = ""
+
+
 class Membership(BaseModel):
     """The whole membership table (the YAML file's schema)."""
 
     model_config = ConfigDict(extra="forbid")
 
     users: dict[UserName, UserMembership] = Field(default_factory=dict)
+    #: Experiments by RB number (``nbreduce demo`` simulates runs of these, so every demo user has runs).
+    experiments: dict[RBNumber, Experiment] = Field(default_factory=dict)
 
 
 class Access(BaseModel):
