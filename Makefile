@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 UV_VERSION := 0.13.8
 STAMP := $(VENV)/.installed
-export NBREDUCE_HOME ?= $(HOME)/.nbreduce
+# inside the checkout: reachable by the demo users' own accounts (a home under /root would not be)
+export NBREDUCE_HOME ?= $(CURDIR)/.nbreduce
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench lock browser clean
+.PHONY: setup demo test test-fast lint bench lock browser system clean
 
 setup: $(STAMP)
 
@@ -25,13 +26,17 @@ $(STAMP): pyproject.toml requirements.lock package.json package-lock.json
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-demo: setup
+# setfacl for the archive's experiment groups (the demo and the isolation tests, as root)
+system:
+	@command -v setfacl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq acl >/dev/null; } || true
+
+demo: setup system
 	$(BIN)/nbreduce demo
 
 lint: setup
 	$(BIN)/ruff check runner tests bench deploy
 
-test: setup browser lint
+test: setup browser system lint
 	$(BIN)/pytest -p no:cacheprovider
 	# templates run in their environments' kernels (their notebooks name them): build every environment first
 	$(BIN)/nbreduce env build --all
