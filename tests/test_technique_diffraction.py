@@ -28,7 +28,7 @@ from runner.bus.models import JobState, RunCompletion, StatusEvent
 from runner.bus.topics import RUN_COMPLETIONS
 from runner.config import Settings
 from runner.kernels.environments import load
-from runner.pipeline.consumer import job_id_for
+from runner.pipeline.reduce import job_id_for
 from runner.pipeline.submit import submit_request, wait_for_jobs
 from runner.sim.diffraction import cubic_reflections
 from runner.sim.engineering import EngineeringDiffractometer
@@ -92,7 +92,7 @@ def reductions(build_environment: Callable[[str], Settings],
     shutil.copytree(REPO / "notebooks", notebooks, ignore=shutil.ignore_patterns("sample_data", "conftest.py"))
     data = tmp_path_factory.mktemp("diffraction-data")
     with running_platform(home, NBREDUCE_NOTEBOOKS=str(notebooks), NBREDUCE_DATA_ROOTS=str(data),
-                          NBREDUCE_FILE_WAIT_SECONDS="3", NBREDUCE_MAX_PARALLEL="2") as settings:
+                          NBREDUCE_RUNNER__FILE_WAIT_SECONDS="3", NBREDUCE_RUNNER__MAX_PARALLEL="2") as settings:
         registry = TemplateRegistry(notebooks)
         jobs: dict[str, str] = {}
         files: dict[str, Path] = {}
@@ -136,7 +136,7 @@ def succeeded(reductions: Reductions, name: str) -> StatusEvent:
     assert final.state is JobState.SUCCEEDED, f"{name}: {final.reason} {final.error}"
     assert final.kernel == "nbreduce-diffraction"
     assert final.environment == "diffraction"
-    assert final.environment_hash == load("diffraction").hash12
+    assert final.environment_hash == load("diffraction", reductions.settings.environments).hash12
     return final
 
 
