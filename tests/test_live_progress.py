@@ -105,7 +105,8 @@ def test_running_job_publishes_progress_and_log_lines(platform: Settings) -> Non
     finally:
         stop.set()
     mine = [e for e in seen if e.job_id == job]
-    assert len(mine) >= 3, mine  # parameters, injected parameters and three cells: a run of ~3 s sends about one event a second, plus the final one
+    # parameters, injected parameters and three cells
+    assert len(mine) >= 3, mine  # about one event a second, plus the final one
     assert mine[-1].done and mine[-1].cells == 5 and mine[-1].fraction == 1.0
     assert [e.cell for e in mine] == sorted(e.cell for e in mine)  # cells only move forward
     assert any(not e.done and e.cell_label == "Slow loop" for e in mine)

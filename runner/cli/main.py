@@ -22,6 +22,7 @@ class NbreduceGroup(click.Group):
         "env": "runner.cli.env:env_commands",
         "hub": "runner.cli.hub:hub_command",
         "multirun": "runner.cli.triggers:multirun",
+        "notify": "runner.cli.notify:notify",
         "prune": "runner.cli.prune:prune_command",
         "replay": "runner.cli.replay:replay_command",
         "runner": "runner.cli.runner:runner",
