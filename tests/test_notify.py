@@ -174,7 +174,7 @@ def test_notifications_by_email_and_webhook(broker: Settings, mailbox, hooks: Ho
     assert subjects == ["[nbreduce] MARI run 25581 v2 (RB1920001) failed",
                         "[nbreduce] MARI run 25581 v2 (RB1920001) succeeded with warnings"]
     warned = next(m for m in box.messages if "warnings" in m["Subject"])
-    body = warned.get_payload()
+    body = warned.get_payload(decode=True).decode()
     assert "no elastic line found" in body and "https://data.isis.example/portal/jobs/job-suspect" in body
     assert warned["From"] == "reductions@isis.example"
     assert [body["job_id"] for _, body in hooks.calls] == ["job-suspect", "job-failed"] or \

@@ -55,9 +55,9 @@ class EmailChannel(Channel):
         msg["Subject"] = f"[nbreduce] {run_label(event)}{version} (RB{event.rb_number}) {event.outcome}"
         msg["From"] = self.settings.smtp_from
         msg["To"] = subscription.email or ""
-        lines = [f"{run_label(event)}{version}, experiment RB{event.rb_number}: {event.outcome}.", ""]
+        lines = [f"{run_label(event)}{version}, experiment RB{event.rb_number}: {event.outcome}."]
         if event.run_title:
-            lines += [f"Title: {event.run_title}"]
+            lines += ["", f"Title: {event.run_title}"]
         if event.warnings:
             lines += ["", "Warnings:", *(f"  - {w}" for w in event.warnings)]
         if event.reason and event.state.value != "succeeded":
