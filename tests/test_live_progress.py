@@ -132,3 +132,32 @@ def test_suspect_result_succeeds_with_warnings(platform: Settings) -> None:
     assert done[suspect].warnings == ["no elastic line found", "UserWarning: peak fit did not converge (cell 3)"]
     assert done[suspect].outcome == "succeeded with warnings"
     assert done[clean].warnings == [] and done[clean].outcome == "succeeded"
+
+
+@pytest.mark.broker
+def test_cli_runs_logs_and_diff(platform: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from runner.cli.main import main
+
+    for name, value in platform.to_env().items():
+        monkeypatch.setenv(name, value)
+    first = submit_request(platform, instrument="WARN", run_number=10, data=data_file(platform, "WARN10.txt"),
+                           rb_number="1920001")
+    done = wait_for_jobs(platform, {first}, 120)
+    second = submit_request(platform, instrument="WARN", run_number=10, data=done[first].data[0], rb_number="1920001",
+                            reduction_arguments={"elastic_found": True})
+    done.update(wait_for_jobs(platform, {second}, 120))
+    cli = CliRunner()
+    runs = cli.invoke(main, ["runs", "-i", "WARN"])
+    assert runs.exit_code == 0 and "succeeded with warnings" in runs.output and "no elastic line found" in runs.output
+    logs = cli.invoke(main, ["logs", first[:10]])
+    assert logs.exit_code == 0, logs.output
+    assert "peak fit did not converge" in logs.output and "warning: no elastic line found" in logs.output
+    diff = cli.invoke(main, ["diff", first[:10], second[:10]])
+    assert diff.exit_code == 0, diff.output
+    assert "elastic_found: (template default) -> true" in diff.output  # the changed parameter
+    assert "elastic_found: false -> true" in diff.output  # and the changed result
+    assert "results: 1 changed" in diff.output and "warnings: 1 changed" in diff.output
+    assert "notebook (nbdime):" in diff.output and "elastic_found = True" in diff.output
+    assert "start_time" not in diff.output  # papermill's timings always differ: left out unless --metadata

@@ -113,7 +113,8 @@ class WebhookChannel(Channel):
             reply = self.session.post(url, data=event.to_bytes(), headers=headers,
                                       timeout=self.settings.timeout_seconds, allow_redirects=False)
         except requests.RequestException as exc:
-            reason = exc.args[0].reason if exc.args and hasattr(exc.args[0], "reason") else exc
+            reason = str(exc.args[0].reason if exc.args and hasattr(exc.args[0], "reason") else exc)
+            reason = reason.split("): ", 1)[-1]  # urllib3 prefixes the connection object's repr
             raise DeliveryFailed(f"{url}: {reason}", self.settings.webhook_retries + 1) from None
         attempts = len(reply.raw.retries.history) + 1 if reply.raw is not None and reply.raw.retries else 1
         if not 200 <= reply.status_code < 300:

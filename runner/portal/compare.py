@@ -80,6 +80,8 @@ class CompareHandler(BaseHandler):
         if not b_id and not b_run:
             raise web.HTTPError(400, "choose what to compare with: another version or another run")
         b = self.job(b_id) if b_id else self.other_run(a, b_run)
+        if _older(b, a):  # the older one on the left, as the base of the diff
+            a, b = b, a
         if a.instrument != b.instrument:
             raise web.HTTPError(400, "only runs of the same instrument (the same template) can be compared")
         plots_a, plots_b = plots_of(self.portal, a), plots_of(self.portal, b)
@@ -91,6 +93,14 @@ class CompareHandler(BaseHandler):
                   plots=[(plots_a[i] if i < len(plots_a) else None, plots_b[i] if i < len(plots_b) else None)
                          for i in range(max(len(plots_a), len(plots_b)))],
                   diffable=bool(a.notebook and b.notebook))
+
+
+def _older(x: StatusEvent, y: StatusEvent) -> bool:
+    """Versions of one run by number; anything else by when it was queued."""
+    same_run = x.instrument == y.instrument and x.rb_number == y.rb_number and x.runs == y.runs
+    if same_run and x.version is not None and y.version is not None:
+        return x.version < y.version
+    return (x.queued_at or x.timestamp) < (y.queued_at or y.timestamp)
 
 
 class NbdimePageHandler(BaseHandler):
