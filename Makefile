@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python -m bench.run --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_state --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_portal --output docs/benchmarks.md
+	$(BIN)/python -m bench.bench_progress --output docs/benchmarks.md
 
 # Re-resolve the pinned lock after changing dependencies in pyproject.toml.
 lock:

@@ -83,6 +83,11 @@ c.JupyterHub.services = [
         "oauth_client_allowed_scopes": ["read:users:groups!user"],
     }
 ]
+# notifications of finished runs (`nbreduce notify`, runner/notify): a service without a web page that asks
+# the hub which groups a subscriber has now, so access rules apply at every notification
+c.JupyterHub.services.append({"name": "notify", "command": [sys.executable, "-m", "runner.notify"],
+                              "cwd": str(Path(state)), "environment": portal_env})
+c.JupyterHub.load_roles = [{"name": "nbreduce-notify", "scopes": ["read:users:groups"], "services": ["notify"]}]
 # every user may log in to the portal; what they see there is decided by their groups
 c.JupyterHub.extra_user_scopes = {"access:services!service=portal"}
 # users arrive at the portal; the hub's home page (hub_config/templates/home.html) leads there too

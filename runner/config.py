@@ -180,6 +180,37 @@ class PortalSettings(BaseModel):
     auth_cache_seconds: int = Field(60, ge=0)
 
 
+class NotifySettings(BaseModel):
+    """Notifications of finished runs (``nbreduce notify``): e-mail through SMTP and webhooks."""
+
+    #: SMTP server that delivers the e-mails.
+    smtp_host: str = "localhost"
+    #: Its port (25 plain, 587 with STARTTLS, 465 with TLS).
+    smtp_port: int = Field(25, ge=1, le=65535)
+    #: Sender address of the e-mails.
+    smtp_from: str = "nbreduce@localhost"
+    #: ``none``, ``starttls`` or ``tls`` (SMTP over TLS, port 465).
+    smtp_security: str = Field("none", pattern="^(none|starttls|tls)$")
+    #: SMTP login (unset: no authentication).
+    smtp_user: str | None = None
+    #: SMTP password of ``smtp_user``.
+    smtp_password: SecretStr | None = None
+    #: Seconds one SMTP conversation or one webhook request may take.
+    timeout_seconds: float = Field(10.0, gt=0)
+    #: Further attempts of a webhook after a failure (connection error or HTTP 429/5xx), with backoff.
+    webhook_retries: int = Field(3, ge=0)
+    #: First pause between webhook attempts, doubled for each further one.
+    webhook_backoff_seconds: float = Field(1.0, ge=0)
+    #: Hosts webhooks may be sent to (comma-separated; a leading dot allows subdomains); unset: any.
+    webhook_hosts: NameList = None
+    #: Public address of the portal, for the links in notifications; unset: from the hub's ip and port.
+    portal_url: str | None = None
+    #: Notifications sent at once (each waits for its SMTP server or webhook).
+    max_parallel: int = Field(4, ge=1)
+
+    _split = field_validator("webhook_hosts", mode="before")(_split_names)
+
+
 class Settings(BaseSettings):
     """Resolved configuration: ``Settings()`` reads the environment, :meth:`from_env` a given mapping."""
 
@@ -207,6 +238,7 @@ class Settings(BaseSettings):
     triggers: TriggerSettings = Field(default_factory=TriggerSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
     portal: PortalSettings = Field(default_factory=PortalSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
 
     _split = field_validator("data_roots", mode="before")(_split_paths)
 
@@ -294,7 +326,7 @@ class Settings(BaseSettings):
                     env[key] = str(value)
                 elif isinstance(value, list) and all(isinstance(v, Path) for v in value):
                     env[key] = os.pathsep.join(str(v) for v in value)
-                elif isinstance(value, list) and name in ("environments", "runinfo_topics"):
+                elif isinstance(value, list) and name in ("environments", "runinfo_topics", "webhook_hosts"):
                     env[key] = ",".join(value)
                 elif isinstance(value, (dict, list)):
                     env[key] = json.dumps(value)

@@ -194,6 +194,9 @@ class StatusEvent(WireModel):
     notebook: str | None = None
     output_files: list[str] = Field(default_factory=list)
     scraps: dict[str, Any] = Field(default_factory=dict)
+    #: Why the result is suspect: the template's ``nbreduce_warnings`` scrap and the Python warnings its own
+    #: cells raised (docs/templates.md). A succeeded job with warnings is shown "succeeded with warnings".
+    warnings: list[str] = Field(default_factory=list)
     reason: str | None = None
     error: ErrorInfo | None = None
     kernel: str | None = None
@@ -207,6 +210,52 @@ class StatusEvent(WireModel):
         if self.run_number is None:
             return []
         return list(self.run_number) if isinstance(self.run_number, list) else [self.run_number]
+
+    @property
+    def outcome(self) -> str:
+        """The state as users read it: ``succeeded with warnings`` for a suspect success, else the state."""
+        if self.state is JobState.SUCCEEDED and self.warnings:
+            return "succeeded with warnings"
+        return self.state.value
+
+
+class LogLine(BaseModel):
+    """One line a running notebook printed."""
+
+    stream: Literal["stdout", "stderr"] = "stdout"
+    text: str
+
+
+class ProgressEvent(WireModel):
+    """Where a running reduction is, keyed by ``job_id`` on the progress topic (at most about one a second).
+
+    ``lines`` are the log lines printed since the previous event of the job; ``log_offset`` is the number of
+    lines before them, so a reader appends and notices a gap (lines dropped when a cell prints faster than
+    they are sent). The last event of a job has ``done`` set.
+    """
+
+    kind: Literal["progress"] = "progress"
+    job_id: str
+    timestamp: datetime = Field(default_factory=utcnow)
+    instrument: str | None = None
+    rb_number: str | None = None
+    started_at: datetime | None = None
+    elapsed_seconds: float = 0.0
+    #: 1-based number of the code cell running (or last run), of ``cells`` code cells.
+    cell: int = 0
+    cells: int = 0
+    #: The running cell's heading (the markdown heading above it) or its first line.
+    cell_label: str = ""
+    log_offset: int = 0
+    lines: list[LogLine] = Field(default_factory=list)
+    done: bool = False
+
+    @property
+    def fraction(self) -> float:
+        """Share of the code cells finished or running (0..1)."""
+        if self.done:
+            return 1.0
+        return min(1.0, max(0.0, (self.cell - 0.5) / self.cells)) if self.cells else 0.0
 
 
 class DeadLetter(WireModel):

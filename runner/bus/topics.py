@@ -23,6 +23,8 @@ DEAD_LETTER = "nbreduce.dead-letter"
 PARAMETER_DEFAULTS = "nbreduce.parameter-defaults"
 TRIGGER_STATE = "nbreduce.trigger-state"
 HEALTH = "nbreduce.health"
+REDUCTION_PROGRESS = "nbreduce.reduction-progress"
+NOTIFICATIONS = "nbreduce.notifications"
 
 #: Kafka headers on a re-injected dead letter: the dead letter's id, and an id fresh for every replay.
 #: Each replay is a new job (the original is final as ``rejected``), the same one on redelivery.
@@ -59,6 +61,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(PARAMETER_DEFAULTS, 1, None, "compact", "default template parameters per instrument / RB"),
     TopicSpec(TRIGGER_STATE, 1, None, "compact", "trigger bookkeeping, e.g. last run seen per instrument"),
     TopicSpec(HEALTH, 1, 7, "compact,delete", "heartbeats of runners and triggers, keyed by component"),
+    TopicSpec(REDUCTION_PROGRESS, 6, 1, "delete", "live progress and log lines of running jobs, keyed by job id"),
+    TopicSpec(NOTIFICATIONS, 1, None, "compact", "users' notification subscriptions and their last deliveries"),
 )
 
 

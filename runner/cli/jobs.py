@@ -48,7 +48,9 @@ def submit(instrument, runs, files, rb, title, params, user, wait, timeout) -> N
         event = wait_for_job(load_settings(), job_id, timeout)
         if event is None:
             raise click.ClickException(f"job {job_id} not finished after {timeout:.0f} s")
-        click.echo(f"{event.state.value}: {event.notebook or ''} {event.reason or ''}".rstrip())
+        click.echo(f"{event.outcome}: {event.notebook or ''} {event.reason or ''}".rstrip())
+        for warning in event.warnings:
+            click.echo(f"  warning: {warning}")
         sys.exit(0 if event.state.value == "succeeded" else 1)
 
 
@@ -73,14 +75,16 @@ def runs(instrument, state, limit, as_json) -> None:
     if not jobs:
         click.echo("no jobs")
         return
-    click.echo(f"{'JOB':10} {'INSTR':7} {'RUN':>12} {'RB':>9} {'V':>3} {'STATE':10} {'UPDATED':20} DETAIL")
+    click.echo(f"{'JOB':10} {'INSTR':7} {'RUN':>12} {'RB':>9} {'V':>3} {'STATE':23} {'UPDATED':20} DETAIL")
     for j in jobs:
         run = "-".join(str(r) for r in j.runs[:1] + j.runs[-1:]) if len(j.runs) > 1 else str(j.run_number or "")
         detail = j.notebook or ""
         if j.reason and j.state.value != "succeeded":
             detail = j.reason
+        elif j.warnings:
+            detail = "; ".join(j.warnings)
         click.echo(f"{j.job_id[:10]:10} {j.instrument or '?':7} {run:>12} {j.rb_number or '':>9} "
-                   f"{j.version or '':>3} {j.state.value:10} {j.timestamp:%Y-%m-%d %H:%M:%S}  {detail}")
+                   f"{j.version or '':>3} {j.outcome:23} {j.timestamp:%Y-%m-%d %H:%M:%S}  {detail}")
 
 
 @click.command("dead-letters")

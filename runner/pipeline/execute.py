@@ -24,6 +24,7 @@ from runner.atomic import write_atomic
 from runner.bus.models import ErrorInfo, JobState, utcnow
 from runner.pipeline.engine import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
 from runner.pipeline.inspection import error_from_notebook, scraps_from_kernel, scraps_summary
+from runner.pipeline.progress import RunProgress
 from runner.pipeline.provenance import kernel_record
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ def execute(
     kernels: KernelProvider,
     timeout: float,
     metadata: dict[str, Any] | None = None,
+    progress: RunProgress | None = None,
 ) -> Execution:
-    """Run ``template_path`` into ``output_path`` (kept whatever the outcome) in a kernel working in ``cwd``."""
+    """Run ``template_path`` into ``output_path`` (kept whatever the outcome) in a kernel working in ``cwd``;
+    ``progress`` hears of every cell and stream output while it runs (see :mod:`runner.pipeline.progress`)."""
     started = utcnow()
     km = kernels.acquire(kernel_name, cwd=cwd)
     kernel_info = kernel_record(km)
@@ -83,6 +86,8 @@ def execute(
             progress_bar=False,
             request_save_on_cell_execute=True,
             autosave_cell_every=10,
+            **({"progress": progress, "stdout_file": progress.stdout, "stderr_file": progress.stderr}
+               if progress is not None else {}),
         )
     except PapermillExecutionError as exc:
         state = JobState.FAILED

@@ -64,6 +64,13 @@ class _ReadyClient(PapermillNotebookClient):
     # nbclient binds the synchronous wrapper to its own coroutine at class creation
     start_new_kernel_client = run_sync(async_start_new_kernel_client)
 
+    def watch(self, progress: Any) -> None:
+        """Report to ``progress`` (a :class:`runner.pipeline.progress.RunProgress`): the cells it will run, then
+        each cell as it starts (nbclient's ``on_cell_start`` hook); streams reach it as papermill's
+        ``stdout_file``/``stderr_file``."""
+        progress.begin(self.nb.cells)
+        self.on_cell_start = progress.cell_start
+
 
 class ProvidedKernelEngine(NBClientEngine):
     """NBClientEngine that executes on the kernel manager passed as ``km`` and leaves it to its provider.
@@ -75,6 +82,7 @@ class ProvidedKernelEngine(NBClientEngine):
     @classmethod
     def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
                                  start_timeout=60, execution_timeout=None, **kwargs: Any):
+        progress = kwargs.pop("progress", None)
         kwargs = remove_args(["input_path"], **kwargs)
         safe_kwargs = remove_args(["timeout", "startup_timeout"], **kwargs)
         final_kwargs = merge_kwargs(
@@ -87,6 +95,8 @@ class ProvidedKernelEngine(NBClientEngine):
             stderr_file=stderr_file,
         )
         client = _ReadyClient(nb_man, **final_kwargs)
+        if progress is not None:
+            client.watch(progress)
         try:
             return client.execute(cleanup_kc=False)
         finally:

@@ -39,6 +39,7 @@ from runner.pipeline.engine import KernelProvider, kernel_exists
 from runner.pipeline.execute import execute
 from runner.pipeline.inspection import output_files
 from runner.pipeline.parameterize import ParameterError, build_parameters
+from runner.pipeline.progress import ProgressSender
 from runner.pipeline.provenance import runner_record
 from runner.templates.params import describe_errors
 from runner.templates.registry import Template, TemplateError, TemplateRegistry
@@ -108,6 +109,8 @@ class Reducer:
         self.stop = stop or threading.Event()
         #: Jobs being processed now: job id -> "INSTRUMENT run" (for the runner's heartbeat).
         self.active: dict[str, str] = {}
+        #: Live progress of running notebooks, sent without waiting for the broker.
+        self.progress = ProgressSender(publisher)
 
     # -- one message ----------------------------------------------------------------------------
     def identify(self, msg: Message) -> tuple[str, dict[str, Any]]:
@@ -220,8 +223,12 @@ class Reducer:
             "trigger": job.trigger.model_dump(),
             "runner": runner_record(self.identity),
         }
-        result = execute(template.path, reservation.staged_notebook, reservation.final, parameters, kernel,
-                         self.kernels, timeout=template.config.timeout, metadata=provenance)
+        progress = self.progress.start(job.job_id, request.instrument, rb)
+        try:
+            result = execute(template.path, reservation.staged_notebook, reservation.final, parameters, kernel,
+                             self.kernels, timeout=template.config.timeout, metadata=provenance, progress=progress)
+        finally:
+            self.progress.finish(progress)
         if self.stop.is_set() and result.state is not JobState.SUCCEEDED:
             raise Interrupted()  # killed by our own shutdown: the run is redone after redelivery
         outputs = output_files(reservation.final, exclude={reservation.notebook_name, RECORD})
@@ -233,7 +240,7 @@ class Reducer:
             environment=result.kernel_info.get("environment") or template.config.environment,
             environment_hash=result.kernel_info.get("environment_hash"), template_hash=template.content_hash,
             output_files=[self.archive.relative(p) for p in outputs],
-            scraps=result.scraps, error=result.error,
+            scraps=result.scraps, error=result.error, warnings=result_warnings(result.scraps, progress.warnings),
             reason="; ".join(notes) or None,
         )
         self.archive.publish(reservation, record)
@@ -269,6 +276,26 @@ class Reducer:
                                             runner=self.identity, finished_at=utcnow(), **fields))
         else:
             log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), reason)
+
+
+#: The scrap a template glues to mark its result as suspect (docs/templates.md).
+WARNINGS_SCRAP = "nbreduce_warnings"
+MAX_WARNINGS = 50
+
+
+def result_warnings(scraps: dict[str, Any], python_warnings: list[str]) -> list[str]:
+    """The template's ``nbreduce_warnings`` (a list of short strings, or one string) then the Python warnings of
+    its own cells; anything else glued under that name is reported rather than dropped."""
+    glued = scraps.get(WARNINGS_SCRAP)
+    if glued is None or glued == [] or glued == "":
+        found: list[str] = []
+    elif isinstance(glued, str):
+        found = [glued]
+    elif isinstance(glued, list):
+        found = [item if isinstance(item, str) else json.dumps(item) for item in glued]
+    else:
+        found = [f"{WARNINGS_SCRAP} is not a list of strings: {json.dumps(glued)[:200]}"]
+    return [text[:500] for text in dict.fromkeys([*found, *python_warnings])][:MAX_WARNINGS]
 
 
 def _message_id(raw: bytes) -> str | None:

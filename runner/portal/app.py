@@ -31,14 +31,17 @@ from tornado.iostream import StreamClosedError
 from runner.archive.integrity import cached_check
 from runner.archive.layout import RECORD
 from runner.bus.clients import Publisher
-from runner.bus.models import JobState, ReductionRequest, StatusEvent
+from runner.bus.models import JobState, ProgressEvent, ReductionRequest, StatusEvent
 from runner.bus.status import StatusView
 from runner.bus.topics import PARAMETER_DEFAULTS, REDUCTION_REQUESTS
 from runner.config import Settings
 from runner.hub.access import Access
 from runner.hub.workcopy import ENDPOINT, REDUCTIONS
+from runner.notify.subscriptions import DeliveryTable, SubscriptionTable
 from runner.portal.index import Run, RunFilter, RunIndex
-from runner.portal.notebooks import IMAGE_SUFFIXES, notebook_images, render_html
+from runner.portal.notebooks import IMAGE_SUFFIXES, cell_timings, notebook_images, render_html
+from runner.portal.progress import ProgressBoard, progress_payload
+from runner.portal.results import hdf5_outputs, scrap_views
 from runner.templates.defaults import DefaultsTable, ParameterDefaults, defaults_key
 from runner.templates.params import ParamSpec, validate_form
 from runner.templates.registry import TemplateError, TemplateRegistry
@@ -54,10 +57,18 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-
 
 @dataclass(eq=False)
 class Subscriber:
-    """One open live-update stream (server-sent events) and what its user may see."""
+    """One open live-update stream (server-sent events), what its user may see and the job whose log it shows."""
 
     access: Access
     queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(maxsize=1000))
+    job: str | None = None
+
+    def push(self, kind: str, payload: dict[str, Any]) -> bool:
+        try:
+            self.queue.put_nowait((kind, payload))
+        except asyncio.QueueFull:  # a stalled browser: drop it, it reconnects and reloads
+            return False
+        return True
 
 
 class Portal:
@@ -70,6 +81,11 @@ class Portal:
         self.index = RunIndex()
         self.subscribers: set[Subscriber] = set()
         self.status = StatusView(settings)
+        #: Running jobs: latest progress and the log so far (runner.portal.progress).
+        self.progress = ProgressBoard(settings)
+        #: Notification subscriptions and their deliveries (runner.portal.notify).
+        self.subscriptions = SubscriptionTable(settings)
+        self.deliveries = DeliveryTable(settings)
         self._publisher = publisher
         self._publisher_lock = threading.Lock()
 
@@ -79,16 +95,32 @@ class Portal:
         run = self.index.apply(event)
         payload = {"job_id": event.job_id, "state": event.state.value, "instrument": event.instrument,
                    "rb_number": event.rb_number, "run": run.label, "version": event.version,
-                   "latest_job": run.latest.job_id, "timestamp": event.timestamp.isoformat()}
+                   "latest_job": run.latest.job_id, "timestamp": event.timestamp.isoformat(),
+                   "outcome": event.outcome, "warnings": len(event.warnings)}
         for sub in list(self.subscribers):
-            if sub.access.can_see(event.instrument, event.rb_number):
-                try:
-                    sub.queue.put_nowait(payload)
-                except asyncio.QueueFull:  # a stalled browser: drop it, it reconnects and reloads
-                    self.subscribers.discard(sub)
+            if sub.access.can_see(event.instrument, event.rb_number) and not sub.push("status", payload):
+                self.subscribers.discard(sub)
+
+    def on_progress(self, event: ProgressEvent) -> None:
+        """Fold one progress event (IOLoop thread): progress bars for every allowed stream, log lines for the
+        streams of that job's page."""
+        lines = self.progress.record(event)
+        payload = progress_payload(event)
+        for sub in list(self.subscribers):
+            if not sub.access.can_see(event.instrument, event.rb_number):
+                continue
+            ok = sub.push("progress", payload)
+            if ok and sub.job == event.job_id and lines:
+                ok = sub.push("log", {"job_id": event.job_id, "lines": lines})
+            if not ok:
+                self.subscribers.discard(sub)
 
     def start_follower(self, loop: IOLoop, stop: threading.Event) -> threading.Thread:
-        """Follow the status topic in a thread (it reconnects by itself after broker failures) until ``stop``."""
+        """Follow the status topic in a thread (it reconnects by itself after broker failures) until ``stop``;
+        likewise the progress of running jobs and the notification subscriptions."""
+        self.progress.start(stop, on_change=lambda event: loop.add_callback(self.on_progress, event))
+        self.subscriptions.start(stop)
+        self.deliveries.start(stop)
         return self.status.start(stop, on_change=lambda event: loop.add_callback(self.on_event, event))
 
     @property
@@ -232,6 +264,7 @@ class RunListApiHandler(RunListHandler):
 def run_summary(run: Run) -> dict[str, Any]:
     latest = run.latest
     return {"instrument": run.instrument, "rb_number": run.rb, "run": run.label, "state": latest.state.value,
+            "outcome": latest.outcome, "warnings": latest.warnings,
             "latest_job": latest.job_id, "version": latest.version, "versions": len(run.versions()),
             "title": run.title, "active_job": run.active.job_id if run.active else None,
             "requested_by": latest.requested_by,
@@ -248,21 +281,30 @@ class EventsHandler(BaseHandler):
 
     @web.authenticated
     async def get(self) -> None:
+        job_id = self.get_argument("job", None)
+        job = self.job(job_id) if job_id else None  # a run page: also its log, if the user may see the run
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        sub = Subscriber(self.access)
+        sub = Subscriber(self.access, job=job.job_id if job else None)
         self.portal.subscribers.add(sub)
         try:
             self.write("retry: 3000\n\n")
+            if job is not None:  # what the page missed: the log so far and where the run is
+                _, lines = self.portal.progress.log_of(job.job_id)
+                backlog = {"job_id": job.job_id, "lines": lines, "reset": True}
+                self.write(f"event: log\ndata: {json.dumps(backlog)}\n\n")
+                current = self.portal.progress.get(job.job_id)
+                if current is not None:
+                    self.write(f"event: progress\ndata: {json.dumps(progress_payload(current))}\n\n")
             await self.flush()
             while sub in self.portal.subscribers:
                 try:
-                    event = await asyncio.wait_for(sub.queue.get(), timeout=15)
+                    kind, event = await asyncio.wait_for(sub.queue.get(), timeout=15)
                 except TimeoutError:
                     self.write(": keep-alive\n\n")
                 else:
-                    self.write(f"event: status\ndata: {json.dumps(event)}\n\n")
+                    self.write(f"event: {kind}\ndata: {json.dumps(event)}\n\n")
                 await self.flush()
         except StreamClosedError:
             pass
@@ -278,7 +320,8 @@ class JobHandler(BaseHandler):
         downloads = self.portal.downloads(job)
         notebook = downloads.get(Path(job.notebook).name) if job.notebook else None
         images = notebook_images(notebook) if notebook is not None and notebook.is_file() else []
-        plots = [name for name in downloads if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        # each figure once: the notebook's own figures, or the image files when it showed none inline
+        plots = [] if images else [name for name in downloads if Path(name).suffix.lower() in IMAGE_SUFFIXES]
         has_notebook = bool(job.notebook) and notebook is not None and notebook.is_file()
         user_redirect = f"{self.hub_auth.hub_prefix}user-redirect"
         # the user's own copy in their server (work/...), and the read-only record in their reductions/ tree
@@ -288,11 +331,21 @@ class JobHandler(BaseHandler):
         integrity = None
         if job.state.final and job.version and folder is not None and (folder / RECORD).is_file():
             integrity = await IOLoop.current().run_in_executor(None, cached_check, folder)
+        files = [n for n in downloads if downloads[n].is_file()]
+        h5web = {name: f"{user_redirect}/lab/tree/{REDUCTIONS}/"
+                       f"{downloads[name].relative_to(self.portal.archive_root).as_posix()}"
+                 for name in hdf5_outputs(files)}
+        timings = cell_timings(notebook) if has_notebook and job.state.final else []
         self.page("job.html", job=job, run=run, versions=run.versions() if run else [job] if job.version else [],
                   requests=run.requests() if run else [] if job.version else [job],
-                  downloads=[n for n in downloads if downloads[n].is_file()], images=images, plots=plots,
+                  downloads=files, images=images, plots=plots,
                   copy_url=copy_url, archived_url=archived_url, has_notebook=has_notebook, integrity=integrity,
-                  durations=durations(job), requested=self.get_argument("requested", None))
+                  durations=durations(job), requested=self.get_argument("requested", None),
+                  progress=self.portal.progress.running(job.job_id),
+                  timings=timings, slowest=max((t["seconds"] or 0 for t in timings), default=0),
+                  scraps=scrap_views(job.scraps), h5web=h5web,
+                  others=[r.label for r in self.portal.index.query(self.access, RunFilter(
+                      instrument=job.instrument, per_page=200)).runs if not run or r.key != run.key][:200])
 
 
 class JobApiHandler(BaseHandler):
@@ -305,6 +358,15 @@ class JobApiHandler(BaseHandler):
                                   for v in (run.versions() if run else [job] if job.version else [])],
                      "requests": [{"job_id": r.job_id, "state": r.state.value, "reason": r.reason}
                                   for r in (run.requests() if run else [] if job.version else [job])]})
+
+
+def seconds_text(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if value < 60:
+        return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+    minutes, secs = divmod(round(value), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def durations(job: StatusEvent) -> dict[str, str]:
@@ -325,9 +387,25 @@ class NotebookHandler(BaseHandler):
         if path is None or not path.is_file():
             raise web.HTTPError(404, "this job has no executed notebook")
         html = await IOLoop.current().run_in_executor(None, render_html, path)
+        html = back_link(html, self.url(f"jobs/{job.job_id}"), f"{job.instrument} run {job.run_number}"
+                         + (f" v{job.version}" if job.version else "") + f" · RB{job.rb_number}")
         self.set_header("Content-Security-Policy", NOTEBOOK_CSP)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(html)
+
+
+def back_link(html: str, href: str, label: str) -> str:
+    """The rendered notebook with a bar linking back to its run page (styled inline: the page is sandboxed)."""
+    from html import escape
+
+    bar = (f'<div style="font:14px system-ui,sans-serif;padding:.5em 1.2em;background:#22304a;color:#dfe7f5">'
+           f'<a href="{escape(href)}" style="color:#fff;text-decoration:none">&larr; {escape(label)}: run page '
+           f'(versions, compare, rerun)</a></div>')
+    head, sep, rest = html.partition("<body")
+    if not sep:
+        return bar + html
+    tag, close, body = rest.partition(">")
+    return f"{head}<body{tag}{close}{bar}{body}"
 
 
 class FileHandler(BaseHandler):
@@ -504,8 +582,16 @@ def make_app(portal: Portal, hub_auth: HubOAuth, prefix: str = "/") -> web.Appli
                                undefined=jinja2.StrictUndefined)
     jinja.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, default=str)
     jinja.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M:%S") if v else ""
+    jinja.filters["seconds"] = seconds_text
+    from runner.portal import compare, notify  # their handlers build on this module's
+
     routes = [
         (prefix, RunListHandler, kw),
+        (prefix + "compare", compare.CompareHandler, kw),
+        (prefix + "compare/diff", compare.NbdimePageHandler, kw),
+        (prefix + "nbdime/api/diff", compare.NbdimeDiffApiHandler, kw),
+        (prefix + "nbdime/static/(.*)", web.StaticFileHandler, {"path": str(compare.NBDIME_STATIC)}),
+        (prefix + "notifications", notify.NotificationsHandler, kw),
         (prefix + "api/runs", RunListApiHandler, kw),
         (prefix + "api/events", EventsHandler, kw),
         (prefix + r"api/jobs/([0-9A-Za-z_-]+)", JobApiHandler, kw),

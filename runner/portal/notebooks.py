@@ -48,3 +48,48 @@ def _images(path: str, mtime_ns: int, limit: int) -> tuple[tuple[str, str], ...]
             if len(found) >= limit:
                 return tuple(found)
     return tuple(found)
+
+
+def cell_timings(path: Path) -> list[dict]:
+    """Where the time went: papermill's per-cell durations of an executed notebook, in cell order."""
+    return list(_timings(str(path), path.stat().st_mtime_ns))
+
+
+@lru_cache(maxsize=256)
+def _timings(path: str, mtime_ns: int) -> tuple[dict, ...]:
+    notebook = nbformat.read(path, as_version=4)
+    found, heading, number = [], "", 0
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            titles = [line.lstrip("#").strip() for line in cell.source.splitlines() if line.startswith("#")]
+            heading = titles[-1] if titles else heading
+            continue
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        number += 1
+        meta = cell.metadata.get("papermill", {})
+        tags = cell.metadata.get("tags", [])
+        first = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
+        label = ("injected parameters" if "injected-parameters" in tags else
+                 "parameters" if "parameters" in tags else heading or first)
+        found.append({"cell": number, "label": label[:100], "first_line": first[:100],
+                      "seconds": meta.get("duration"), "status": meta.get("status", "")})
+    return tuple(found)
+
+
+def notebook_outputs(path: Path) -> list[tuple[int, str, str]]:
+    """(code cell number, stream name, text) of every stream output: the log of a finished run."""
+    notebook = nbformat.read(str(path), as_version=4)
+    found, number = [], 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        number += 1
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                found.append((number, output.get("name", "stdout"), output.get("text", "")))
+            elif output.get("output_type") == "error":
+                from nbconvert.filters import strip_ansi
+
+                found.append((number, "stderr", strip_ansi("\n".join(output.get("traceback", []))) + "\n"))
+    return found
