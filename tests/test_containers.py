@@ -303,6 +303,7 @@ def test_runs_are_shared_by_both_runners_and_published_once(deployment: Deployme
         assert versions(archive, run["instrument"], run["rb"], run["run"]) == ["v1"], run
         folder = archive / run["instrument"] / f"RB{run['rb']}" / str(run["run"]) / "v1"
         assert (folder / "job.json").is_file() and list(folder.glob("*.ipynb")), sorted(folder.iterdir())
+    assert json.loads(nbreduce("dead-letters", "--json")) == []
 
 
 def test_portal_answers_on_its_host_port_and_through_the_hub(deployment: Deployment) -> None:
@@ -394,7 +395,9 @@ def test_a_runner_pod_killed_mid_run_loses_nothing(deployment: Deployment) -> No
     # the run was killed in the middle of its reduction, redelivered, reduced once, into the same version
     killed = podman("inspect", f"{victim}-runner", "--format", "{{.State.Status}} {{.State.ExitCode}}").stdout.split()
     assert killed[0] in ("exited", "stopped") and killed[1] == "137", killed
-    assert versions(deployment.archive(), KILL_INSTRUMENT, run["rb"], run["run"]) == ["v1"]
+    archive = deployment.archive()
+    assert versions(archive, KILL_INSTRUMENT, run["rb"], run["run"]) == ["v1"]
+    assert not list((archive / ".staging").iterdir()), "the killed runner's half-written version is left behind"
     assert [j["state"] for j in jobs() if j["job_id"] == job] == ["succeeded"]
     # the survivor holds every partition now and keeps serving
     beats = wait_for("the surviving runner to hold all partitions",
