@@ -46,8 +46,10 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob", "Pod")
 #: Secrets made outside the manifests: by the JupyterHub chart (`hub`) and by hand (`nbreduce-hub`,
 #: deploy/jupyterhub/values.yaml); in the CI overlay both with `podman secret create` (tests/test_containers.py).
 EXTERNAL_SECRETS = {"hub", "nbreduce-hub"}
-#: Environments with a runner group in every overlay but CI: all but the test environment.
-RUNNER_ENVIRONMENTS = sorted(set(discover(REPO / "environments")) - {"minimal"})
+#: Environments with a runner group in every overlay but CI: those that give kernels (environment.toml's
+#: `kernel`, default true), but the test environment.
+RUNNER_ENVIRONMENTS = sorted(name for name, env in discover(REPO / "environments").items() if name != "minimal"
+                             and tomllib.loads((env.path / "environment.toml").read_text()).get("kernel", True))
 #: What podman 4.3's `kube play` runs, and what it ignores harmlessly (Services, PDBs, ServiceAccounts).
 PODMAN_KINDS = {"Pod", "Deployment", "ConfigMap", "PersistentVolumeClaim"}
 PODMAN_IGNORED = {"Service", "ServiceAccount", "PodDisruptionBudget"}

@@ -18,8 +18,8 @@ c.JupyterHub.hub_bind_url = "http://0.0.0.0:8081"
 c.JupyterHub.hub_connect_url = "http://hub:8081"
 
 # the portal is Deployment nbreduce-portal (deploy/base/portal.yaml), an external service with a token of
-# its own, as the chart registers it (hub.services.portal in deploy/jupyterhub/values.yaml); podman names
-# the Deployment's pod nbreduce-portal-pod-0
+# its own, as the chart registers it (hub.services.portal in deploy/jupyterhub/values.yaml), instead of the
+# hub-managed one; podman names the Deployment's pod nbreduce-portal-pod-0. Other services stay as they are.
 c.JupyterHub.services = [
     {
         "name": "portal",
@@ -28,5 +28,6 @@ c.JupyterHub.services = [
         "display": True,
         "oauth_no_confirm": True,
         "oauth_client_allowed_scopes": ["read:users:groups!user"],
-    }
+    },
+    *(service for service in c.JupyterHub.services if service["name"] != "portal"),
 ]
