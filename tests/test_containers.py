@@ -5,8 +5,9 @@ One deployment serves the whole module, in order: the images carry their version
 hash nbreduce computes; every pod comes up; runs simulated on four spectroscopy instruments are shared by
 both runner pods through their consumer group and each is published exactly once to the archive volume;
 the portal answers on its host port and, through the hub's proxy and OAuth, shows those runs; a runner pod
-killed in the middle of a reduction loses nothing (the other one reduces the run, once); ``kube down``
-leaves nothing behind. Everything is real: broker, runners, kernels, hub, proxy, volumes.
+killed in the middle of a reduction loses nothing (the other one reduces the run, once); the broker pod
+restarted keeps everything on its volume; ``kube down`` leaves nothing behind. Everything is real: broker,
+runners, kernels, hub, proxy, volumes.
 
 Runs in ``make deploy-test`` (called by ``make test`` where podman is installed), which builds the images
 first and sets DEPLOY_TEST=1; without it the module is skipped, as it needs images of this checkout.
@@ -405,6 +406,23 @@ def test_a_runner_pod_killed_mid_run_loses_nothing(deployment: Deployment) -> No
                      lambda: [r for r in live_runners() if r["host"] == survivor
                               and len([p for p in r["partitions"] if p.startswith("nbreduce.run-completions")]) == 6])
     assert beats[0]["jobs_done"] >= 2
+
+
+def test_the_broker_keeps_everything_on_its_volume(deployment: Deployment) -> None:
+    """The broker pod restarted: job history, trigger bookkeeping and the group's offsets are on its PVC."""
+    before = {j["job_id"]: j["state"] for j in jobs()}
+    assert len(before) == len(INSTRUMENTS) + 1
+    start = time.monotonic()
+    podman("pod", "restart", "nbreduce-broker", timeout=120)
+    after = wait_for("the restarted broker to serve the job history", lambda: {j["job_id"]: j["state"] for j in jobs()})
+    deployment.timings["broker restart to job history served"] = round(time.monotonic() - start, 1)
+    assert after == before
+    # the runners reconnect by themselves and nothing is reduced a second time
+    run = simulate("MARI")
+    done = wait_for("a run after the broker restart", lambda: [j for j in jobs() if j.get("run_number") == run["run"]
+                                                              and j["state"] == "succeeded"])
+    assert len(done) == 1 and len(jobs()) == len(before) + 1
+    assert versions(deployment.archive(), "MARI", run["rb"], run["run"]) == ["v1"]
 
 
 def test_kube_down_leaves_nothing_behind(deployment: Deployment) -> None:
