@@ -37,8 +37,9 @@ test: setup browser lint
 	$(BIN)/nbreduce env build --all
 	JUPYTER_PATH=$(NBREDUCE_HOME)/jupyter $(BIN)/pytest -p no:cacheprovider --nbval-lax notebooks/
 	# the images built and the platform run from its Kubernetes manifests, with podman (.ci/run installs it)
-	@if command -v podman >/dev/null && command -v debootstrap >/dev/null; then $(MAKE) --no-print-directory deploy-test; \
-	else echo "deploy-test skipped: podman and debootstrap are not installed (apt-get install podman runc debootstrap)"; fi
+	@if command -v podman >/dev/null && command -v debootstrap >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		$(MAKE) --no-print-directory deploy-test; \
+	else echo "deploy-test skipped: needs root, podman and debootstrap (apt-get install podman runc debootstrap)"; fi
 
 bench: setup
 	$(BIN)/python -m bench.run --output docs/benchmarks.md
