@@ -3,8 +3,10 @@
 The rendered manifests are parsed and checked structurally: pods non-root and restricted, resources set,
 one image tag per release, only environment variables nbreduce (or JupyterHub's service library) really
 reads, selectors that match their pods, a runner grace period that covers the longest reduction, one
-processing environment per consumer group. The z2jh values file and its KubeSpawner hook are checked
-against the same manifests. Nothing here needs a cluster.
+processing environment per consumer group and a runner group for every environment. The CI overlay is
+also checked against what podman 4.3's ``kube play`` can run (tests/test_containers.py runs it). The
+z2jh values file and its KubeSpawner hook are checked against the same manifests. Nothing here needs a
+cluster.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +28,12 @@ from typing import Any
 import pytest
 import yaml
 
-from runner.bus.topics import TOPICS
+from runner.bus.topics import RUN_COMPLETIONS, TOPICS
 from runner.config import variables
 from runner.hub.access import ACCESS_ENV, Access
-from runner.templates.registry import InstrumentConfig
+from runner.kernels.environments import discover
+from runner.sim.runs import instrument_model
+from runner.templates.registry import InstrumentConfig, TemplateRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -37,13 +42,27 @@ KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl not found: it renders deploy/ with its built-in kustomize (Debian: kubectl)")
 
-WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob")
-#: Secrets made by the JupyterHub chart, which is installed next to the manifests (deploy/jupyterhub).
-CHART_SECRETS = {"hub"}
+WORKLOADS = ("Deployment", "StatefulSet", "Job", "CronJob", "Pod")
+#: Secrets made outside the manifests: by the JupyterHub chart (`hub`) and by hand (`nbreduce-hub`,
+#: deploy/jupyterhub/values.yaml); in the CI overlay both with `podman secret create` (tests/test_containers.py).
+EXTERNAL_SECRETS = {"hub", "nbreduce-hub"}
+#: Environments with a runner group in every overlay but CI: those that give kernels (environment.toml's
+#: `kernel`, default true), but the test environment.
+RUNNER_ENVIRONMENTS = sorted(name for name, env in discover(REPO / "environments").items() if name != "minimal"
+                             and tomllib.loads((env.path / "environment.toml").read_text()).get("kernel", True))
+#: What podman 4.3's `kube play` runs, and what it ignores harmlessly (Services, PDBs, ServiceAccounts).
+PODMAN_KINDS = {"Pod", "Deployment", "ConfigMap", "PersistentVolumeClaim"}
+PODMAN_IGNORED = {"Service", "ServiceAccount", "PodDisruptionBudget"}
 #: Oldest Kubernetes the manifests are written for (fsGroupChangePolicy, PDB policy/v1, ...).
 KUBERNETES_VERSION = "1.30"
 #: Seconds a runner needs after its longest reduction to publish the version and commit.
 PUBLISH_MARGIN = 60
+
+
+#: Images the repository builds (Makefile `images`): the platform, one runner per environment (kernels/),
+#: the hub and the proxy of deploy/images/.
+NBREDUCE_IMAGES = {"nbreduce", "nbreduce-hub", "nbreduce-proxy", "nbreduce-lab",
+                   *(f"nbreduce-runner-{env}" for env in RUNNER_ENVIRONMENTS)}
 
 
 # -- rendering and walking the manifests ------------------------------------------------------------
@@ -60,6 +79,8 @@ def objects(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, 
 
 
 def pod_template(workload: dict[str, Any]) -> dict[str, Any]:
+    if workload["kind"] == "Pod":
+        return {"metadata": workload["metadata"], "spec": workload["spec"]}
     spec = workload["spec"]
     if workload["kind"] == "CronJob":
         spec = spec["jobTemplate"]["spec"]
@@ -123,12 +144,25 @@ def nbreduce_env_names() -> frozenset[str]:
 
 @functools.cache
 def jupyterhub_env_names() -> frozenset[str]:
-    """JUPYTERHUB_* names read by JupyterHub's own service library (the portal is a hub service)."""
+    """JUPYTERHUB_* names read by JupyterHub's own service library (the portal is a hub service), and the
+    CONFIGPROXY_* ones JupyterHub reads for its proxy (the CI overlay's hub)."""
     spec = importlib.util.find_spec("jupyterhub")
     assert spec is not None and spec.submodule_search_locations
     package = Path(next(iter(spec.submodule_search_locations)))
-    return frozenset(n for path in package.rglob("*.py")
-                     for n in re.findall(r"JUPYTERHUB_[A-Z_]+", path.read_text()) if not n.endswith("_"))
+    pattern = re.compile(r"(?:JUPYTERHUB|CONFIGPROXY)_[A-Z_]+")
+    found = (n for path in package.rglob("*.py") for n in pattern.findall(path.read_text()))
+    return frozenset(n for n in found if not n.endswith("_"))
+
+
+@functools.cache
+def other_env_names() -> frozenset[str]:
+    """What else an nbreduce image's process reads: the S3 variables runner/bus/embedded.py gives Tansu (the
+    CI overlay's broker pod), and what the overlays' own hub configurations read (deploy/overlays/*/hub/)."""
+    tansu = re.findall(r"\b(AWS_[A-Z_]+)=", (REPO / "runner" / "bus" / "embedded.py").read_text())
+    assert tansu, "runner/bus/embedded.py no longer configures Tansu's S3 storage by AWS_* variables"
+    hub = [n for path in (DEPLOY / "overlays").glob("*/hub/*.py")
+           for n in re.findall(r"os\.environ(?:\.get\(|\[)[\"']([A-Z_]+)[\"']", path.read_text())]
+    return frozenset(tansu + hub)
 
 
 def longest_instrument_timeout() -> float:
@@ -145,16 +179,22 @@ def longest_instrument_timeout() -> float:
 def test_overlay_deploys_every_component(overlay: str) -> None:
     docs = render(overlay)
     deployments = objects(docs, "Deployment")
-    for name in ("nbreduce-runner-scipp", "nbreduce-runner-mantid", "nbreduce-watch", "nbreduce-bridge-runinfo",
-                 "nbreduce-bridge-legacy", "nbreduce-portal"):
-        assert name in deployments, f"{overlay}: Deployment {name} missing"
-    assert "nbreduce-topics" in objects(docs, "Job")
+    args = {tuple(c.get("args", [])[:2]) for d in deployments.values() for c in pod_template(d)["spec"]["containers"]}
+    assert {("runner",), ("watch", "--interval")} <= args
     assert {"nbreduce-archive", "nbreduce-data"} <= set(objects(docs, "PersistentVolumeClaim"))
     assert "nbreduce-portal" in objects(docs, "Service")
+    if overlay == "ci":  # on podman: see test_ci_overlay_is_what_podman_plays
+        assert {"nbreduce-runner-spectroscopy", "nbreduce-watch", "nbreduce-portal"} == set(deployments)
+        assert {"nbreduce-broker", "nbreduce-simulator", "hub"} == set(objects(docs, "Pod"))
+        return
+    # one runner group per processing environment (minimal is for tests)
+    assert {f"nbreduce-runner-{env}" for env in RUNNER_ENVIRONMENTS} == set(runners(docs)), f"{overlay}: runners"
+    for name in ("nbreduce-watch", "nbreduce-bridge-runinfo", "nbreduce-bridge-legacy", "nbreduce-portal"):
+        assert name in deployments, f"{overlay}: Deployment {name} missing"
+    assert "nbreduce-topics" in objects(docs, "Job")
     namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in ("Namespace", "PersistentVolume")}
     assert len(namespaces) == 1 and None not in namespaces, f"{overlay}: one namespace for everything: {namespaces}"
-    args = {tuple(c.get("args", [])[:2]) for d in deployments.values() for c in pod_template(d)["spec"]["containers"]}
-    assert {("runner",), ("watch", "--interval"), ("trigger", "runinfo"), ("trigger", "legacy")} <= args
+    assert {("trigger", "runinfo"), ("trigger", "legacy")} <= args
 
 
 @needs_kubectl
@@ -207,7 +247,7 @@ def test_images_are_pinned_and_one_release(overlay: str) -> None:
             assert tag or digest, f"{where}: {c['image']} has neither tag nor digest"
             assert tag != "latest", f"{where}: {c['image']} is not pinned"
             if is_nbreduce_image(c["image"]):
-                assert repository.rsplit("/", 1)[-1] in ("nbreduce-runner-scipp", "nbreduce-runner-mantid"), c["image"]
+                assert repository.rsplit("/", 1)[-1] in NBREDUCE_IMAGES, f"{c['image']}: no Dockerfile builds it"
                 tags.add(digest or tag)
     assert len(tags) == 1, f"{overlay}: nbreduce images of one deployment must share one release tag, got {tags}"
     # the runner images of one overlay come from one registry path
@@ -220,8 +260,8 @@ def test_images_are_pinned_and_one_release(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_environment_variables_are_ones_nbreduce_reads(overlay: str) -> None:
     docs = render(overlay)
-    known, hub_known = nbreduce_env_names(), jupyterhub_env_names()
-    maps, secrets = config_maps(docs), set(objects(docs, "Secret")) | CHART_SECRETS
+    known, hub_known, other_known = nbreduce_env_names(), jupyterhub_env_names(), other_env_names()
+    maps, secrets = config_maps(docs), set(objects(docs, "Secret")) | EXTERNAL_SECRETS
     for where, _, pod in workloads(docs):
         for c in containers(pod):
             for source in c.get("envFrom", []):
@@ -232,10 +272,10 @@ def test_environment_variables_are_ones_nbreduce_reads(overlay: str) -> None:
             if not is_nbreduce_image(c["image"]):
                 continue
             for name in container_env(docs, c):
-                if name.startswith("JUPYTERHUB_"):
+                if name.startswith(("JUPYTERHUB_", "CONFIGPROXY_")):
                     assert name in hub_known, f"{where}: JupyterHub reads no {name}"
                 else:
-                    assert name in known, f"{where}: nbreduce reads no {name} (names: {sorted(known)})"
+                    assert name in known | other_known, f"{where}: nbreduce reads no {name} (names: {sorted(known)})"
 
 
 @needs_kubectl
@@ -326,6 +366,67 @@ def test_broker_configuration(overlay: str) -> None:
         broker = objects(docs, "StatefulSet")["nbreduce-redpanda"]
         service = broker["spec"]["serviceName"]
         assert config["NBREDUCE_BROKER__BOOTSTRAP_SERVERS"].split(":")[0] in (service, f"{service}-0.{service}")
+    if overlay == "ci":  # the embedded broker in a pod: it advertises the name the other pods reach it by
+        pod = objects(docs, "Pod")["nbreduce-broker"]
+        kafka = next(c for c in pod["spec"]["containers"] if c["command"][0] == "tansu")
+        assert f"--advertised-listener-url=tcp://{config['NBREDUCE_BROKER__BOOTSTRAP_SERVERS']}" in kafka["args"]
+        assert config["NBREDUCE_BROKER__BOOTSTRAP_SERVERS"].split(":")[0] == pod["metadata"]["name"]
+
+
+# -- the CI overlay on podman 4.3 (tests/test_containers.py runs it) ---------------------------------
+@needs_kubectl
+def test_ci_overlay_is_what_podman_plays() -> None:
+    """Measured limits of `podman kube play` 4.3: no Job, StatefulSet, DaemonSet, Namespace (skipped without
+    a word), Secrets through kube play broken, init containers of a Deployment restarted for ever, every
+    containerPort published on the host, probes turned into health checks that run curl/nc in the image."""
+    docs = render("ci")
+    kinds = {d["kind"] for d in docs}
+    assert kinds <= PODMAN_KINDS | PODMAN_IGNORED, f"podman 4.3 does not play {kinds - PODMAN_KINDS - PODMAN_IGNORED}"
+    order = [f"{d['kind']}/{d['metadata']['name']}" for d in docs if d["kind"] in ("Pod", "Deployment")]
+    # kube play starts pods in file order and waits for init containers: broker, then the topics, then the rest
+    assert order[:2] == ["Pod/nbreduce-broker", "Pod/nbreduce-simulator"], order
+    for where, workload, pod in workloads(docs):
+        if pod.get("initContainers"):
+            assert workload["kind"] == "Pod" and pod.get("restartPolicy", "Always") != "Always", where
+        assert not any("secret" in v for v in pod.get("volumes", [])), f"{where}: secret volumes crash podman 4.3"
+        for c in containers(pod):
+            assert all("hostPort" in p for p in c.get("ports", [])), f"{where}: port published by accident"
+            assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(c), f"{where}: probe"
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                assert ref is None or ref["name"] in EXTERNAL_SECRETS, f"{where}: secret {ref} not created by the test"
+    init = objects(docs, "Pod")["nbreduce-simulator"]["spec"]["initContainers"]
+    assert [c["command"] for c in init] == [["nbreduce", "topics", "ensure"]]
+    # the hub's proxy routes the portal's external service to the pod podman makes of Deployment nbreduce-portal
+    hub_config = (DEPLOY / "overlays" / "ci" / "hub" / "jupyterhub_config.py").read_text()
+    port = objects(docs, "Service")["nbreduce-portal"]["spec"]["ports"][0]["port"]
+    assert f'"http://nbreduce-portal-pod-0:{port}"' in hub_config
+    portal = pod_template(objects(docs, "Deployment")["nbreduce-portal"])["spec"]["containers"][0]
+    # and the portal calls the hub's API by the hub pod's name
+    assert container_env(docs, portal)["JUPYTERHUB_API_URL"].startswith("http://hub:") and "hub" in objects(docs, "Pod")
+
+
+@needs_kubectl
+def test_ci_runs_spread_over_the_runner_group() -> None:
+    """The CI watcher publishes the instruments the tests simulate from the simulation models' first runs; they
+    are of the CI runner group's environment and sit on at least four of the six partitions (the producer
+    keys by instrument; librdkafka's default partitioner is CRC-32 of the key), so each of two runners gets
+    some whatever the group's assignment."""
+    docs = render("ci")
+    (runner,) = runners(docs).values()
+    environment = runner["metadata"]["labels"]["nbreduce.io/environment"]
+    assert runner["spec"]["replicas"] == 2
+    args = pod_template(objects(docs, "Deployment")["nbreduce-watch"])["spec"]["containers"][0]["args"]
+    watched = [args[i + 1] for i, a in enumerate(args) if a == "-i"]
+    starts = dict(args[i + 1].split("=") for i, a in enumerate(args) if a == "--from")
+    registry = TemplateRegistry(REPO / "notebooks")
+    assert set(starts) == set(watched)
+    for instrument in watched:
+        config = registry.config(instrument)
+        assert config.environment == environment, instrument
+        assert int(starts[instrument]) == instrument_model(config).first_run, instrument
+    partitions = next(spec.partitions for spec in TOPICS if spec.name == RUN_COMPLETIONS)
+    assert len({zlib.crc32(i.encode()) % partitions for i in watched}) >= 4
 
 
 @needs_kubectl
