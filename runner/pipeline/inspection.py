@@ -1,7 +1,10 @@
 """Read what an executed notebook says: its error, its scraps, its output files.
 
-Scraps are read with scrapbook (papermill's companion), whose mimetype
-``application/scrapbook.scrap.<encoder>+json`` the templates write through ``sb.glue``.
+Scraps are what templates glue with scrapbook (papermill's companion): display outputs of mimetype
+``application/scrapbook.scrap.<encoder>+json``. Most are JSON scraps (numbers, texts, short lists), whose
+value is the bundle's ``data``: those are read straight from the executed notebook's outputs. Only scraps
+of other encoders (pandas, arrow, custom) need scrapbook to decode them; scrapbook and pandas are then
+imported in the run's kernel, never for a notebook that glued nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,27 @@ log = logging.getLogger(__name__)
 
 #: Scrap values larger than this (as JSON) are summarised in status events, never copied whole.
 MAX_SCRAP_BYTES = 2048
+#: scrapbook's mimetype of a scrap: ``application/scrapbook.scrap.<encoder>+json``.
+SCRAP_PREFIX, SCRAP_SUFFIX = "application/scrapbook.scrap.", "+json"
+JSON_SCRAP = f"{SCRAP_PREFIX}json{SCRAP_SUFFIX}"
+
+
+def glued_scraps(nb: NotebookNode) -> tuple[dict[str, Any], bool]:
+    """The JSON scraps of an executed notebook from its own output bundles (the last glue of a name wins, as in
+    scrapbook), and whether scraps of other encoders were glued too (those need scrapbook to be read)."""
+    found: dict[str, Any] = {}
+    others = False
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            for mimetype, payload in (output.get("data") or {}).items():
+                if not (mimetype.startswith(SCRAP_PREFIX) and mimetype.endswith(SCRAP_SUFFIX)):
+                    continue
+                if mimetype != JSON_SCRAP or not isinstance(payload, dict) or "name" not in payload:
+                    others = True
+                    continue
+                data = payload.get("data")
+                found[str(payload["name"])] = _summary(type(data).__name__, "json", json.dumps(data), None)
+    return found, others
 
 
 def error_from_notebook(nb: NotebookNode) -> ErrorInfo | None:
