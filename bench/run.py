@@ -94,7 +94,7 @@ class Tracker:
 def submit(publisher: Publisher, **fields) -> tuple[str, float]:
     request = ReductionRequest(requested_by="bench", **fields)
     t0 = time.perf_counter()
-    publisher.publish(REDUCTION_REQUESTS, request, key=request.instrument)
+    publisher.publish(REDUCTION_REQUESTS, request, key=request.message_id)
     return request_job_id(request), t0
 
 

@@ -128,8 +128,10 @@ def check_broker(settings: Settings, timeout: float | None = None) -> None:
         if not EmbeddedBroker(settings).status()["running"]:
             raise BrokerUnavailable(f"the embedded broker of {settings.home} ({bootstrap}) is not running: "
                                     "`nbreduce broker start`")
+    client = AdminClient({**client_config(settings),
+                          "socket.connection.setup.timeout.ms": max(1000, int(timeout * 1000))})
     try:
-        admin(settings).list_topics(timeout=timeout)
+        client.list_topics(timeout=timeout)
     except KafkaException as exc:
         raise BrokerUnavailable(f"broker {bootstrap} did not answer within {timeout:.0f} s "
                                 f"({exc.args[0].str() if exc.args else exc})") from None
