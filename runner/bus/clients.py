@@ -203,7 +203,8 @@ class Publisher:
     ``message.timeout.ms``: a record is either delivered within it or reported failed, never both).
 
     ``broker_error`` says what the producer last saw of the broker (None once a record was delivered).
-    A producer that hit a fatal error (an idempotent producer whose state the broker lost) is replaced.
+    A producer that hit a fatal error is replaced: an idempotent producer whose sequence state a restarted
+    broker lost (``OUT_OF_ORDER_SEQUENCE_NUMBER``) refuses every record after it, for ever.
     """
 
     def __init__(self, settings: Settings, timeout: float = 30.0):
@@ -216,20 +217,27 @@ class Publisher:
     def _new_producer(self) -> Producer:
         return producer(self.settings, **{"message.timeout.ms": int(self.timeout * 1000), "error_cb": self._on_error})
 
+    def _replace(self, failed: Producer, err: KafkaError) -> None:
+        with self._lock:
+            if self._producer is not failed:
+                return  # replaced already
+            log.error("producer failed (%s): replaced by a new one", err.str())
+            self._producer = self._new_producer()
+        threading.Thread(target=failed.flush, args=(1,), daemon=True).start()  # its records fail, reported
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in BROKER_DOWN:
             self.broker_error = f"broker unreachable: {err.str()}"
         if err.fatal():
-            log.error("producer failed (%s): replacing it", err.str())
-            with self._lock:
-                old, self._producer = self._producer, self._new_producer()
-            threading.Thread(target=old.flush, args=(0,), daemon=True).start()
+            self._replace(self._producer, err)
 
-    def _delivered(self, err: KafkaError | None) -> None:
+    def _delivered(self, client: Producer, err: KafkaError | None) -> None:
         if err is None:
             self.broker_error = None
         elif err.code() in BROKER_DOWN:
             self.broker_error = f"broker unreachable: {err.str()}"
+        elif err.fatal() or err.code() == KafkaError._FATAL:
+            self._replace(client, err)
 
     def publish(self, topic: str, message: WireModel | bytes | None, key: str | bytes | None = None,
                 timeout: float | None = None) -> None:
@@ -238,18 +246,17 @@ class Publisher:
         done = threading.Event()
         outcome: list[KafkaError | None] = []
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            self._delivered(err)
+        def on_delivery(err: KafkaError | None) -> None:
             outcome.append(err)
             done.set()
 
-        self._produce(topic, encode(message), key, on_delivery)
+        client = self._produce(topic, encode(message), key, on_delivery)
         deadline = time.monotonic() + (timeout or self.timeout) + 5
         while not done.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, f"{topic}: not acknowledged in time"))
-            self._producer.poll(min(left, 0.05))
+            client.poll(min(left, 0.05))
         if outcome[0] is not None:
             raise KafkaException(outcome[0])
 
@@ -258,31 +265,89 @@ class Publisher:
         """Publish without waiting for the acknowledgement (heartbeats, a job's non-final states: the next one
         supersedes a lost one). ``on_delivery`` is called with the outcome, from whichever thread polls."""
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            self._delivered(err)
+        def delivered(err: KafkaError | None) -> None:
             if err is not None:
                 log.debug("%s: not delivered: %s", topic, err)
             if on_delivery is not None:
                 on_delivery(err)
 
         try:
-            self._produce(topic, encode(message), key, delivered)
-        except BufferError:  # the broker has been away long enough to fill the queue: drop this one
-            log.debug("%s: producer queue full, dropped", topic)
+            client = self._produce(topic, encode(message), key, delivered)
+        except BufferError:  # the broker has been away long enough to fill the queue: not sent
+            log.debug("%s: producer queue full, not sent", topic)
+            delivered(KafkaError(KafkaError._QUEUE_FULL, f"{topic}: producer queue full"))
             return
-        self._producer.poll(0)
+        client.poll(0)
 
     def poll(self, timeout: float = 0) -> None:
         """Serve delivery reports of :meth:`send` (the runner's loop calls this)."""
         self._producer.poll(timeout)
 
-    def _produce(self, topic: str, value: bytes | None, key: str | bytes | None, callback: Any) -> None:
-        with self._lock:
-            client = self._producer
-        client.produce(topic, value=value, key=key, on_delivery=callback)
+    def _produce(self, topic: str, value: bytes | None, key: str | bytes | None,
+                 callback: Callable[[KafkaError | None], None]) -> Producer:
+        """Hand the record to the current producer (a fatally failed one is replaced first); returns the producer
+        that holds it, which is the one to poll for its delivery report."""
+        for attempt in (1, 2):
+            with self._lock:
+                client = self._producer
+
+            def report(err: KafkaError | None, _msg: Message, client: Producer = client) -> None:
+                self._delivered(client, err)
+                callback(err)
+
+            try:
+                client.produce(topic, value=value, key=key, on_delivery=report)
+                return client
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+                if attempt == 2 or not fatal:
+                    raise
+                self._replace(client, err)
+        raise AssertionError("unreachable")
 
     def close(self, timeout: float = 10) -> None:
         self._producer.flush(timeout)
+
+
+class Deliveries:
+    """The records one piece of work handed to the producer without waiting (:meth:`Publisher.send`), and what to
+    do once the broker acknowledged all of them: the runner commits a rejected message's offset only then, so a
+    thousand rejections cost a thousand sends and one wait, not a thousand round trips, and lose nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._error: KafkaError | None = None
+        self._then: Callable[[KafkaError | None], None] | None = None
+
+    def track(self, on_delivered: Callable[[], None] | None = None) -> Callable[[KafkaError | None], None]:
+        """A delivery callback for one more record; ``on_delivered`` runs when that record was acknowledged."""
+        with self._lock:
+            self._pending += 1
+
+        def delivered(err: KafkaError | None) -> None:
+            if err is None and on_delivered is not None:
+                on_delivered()
+            with self._lock:
+                self._pending -= 1
+                self._error = self._error or err
+                then = self._then if self._pending == 0 else None
+                if then is not None:
+                    self._then = None
+            if then is not None:
+                then(self._error)
+
+        return delivered
+
+    def then(self, callback: Callable[[KafkaError | None], None]) -> None:
+        """Call ``callback`` (with the first delivery error, or None) once every tracked record is acknowledged
+        (at once when none is pending)."""
+        with self._lock:
+            if self._pending:
+                self._then = callback
+                return
+        callback(self._error)
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 30, batch: int = 10000) -> Iterator[Message]:

@@ -16,9 +16,10 @@ again with the wait it already had (the wait counts from when the job was first 
 Retries: broker trouble, a full or read-only archive and a job held by another runner are retried until
 they pass (the message is fine); any other exception is retried a bounded number of times with backoff,
 then the message is dead-lettered with the exception and reported ``failed``, and its partition moves on.
-Partitions fetch at most what the slots can take soon (``2 x max_parallel`` reductions scheduled, a bounded
-number of checks and parked runs); when a partition is revoked, its unstarted work is dropped (the new
-owner gets it). On shutdown, running reductions finish and are committed while the loop keeps polling.
+Partitions are paused only when a bounded number of runs wait for a slot (or are being checked, or are parked), so
+the messages behind busy slots keep flowing; when a partition is revoked, its unstarted work is dropped (the new
+owner gets it). Two messages of one job (a redelivery, a reused id) are never worked on at once: the later one
+waits for the first. On shutdown, running reductions finish and are committed while the loop keeps polling.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ from enum import Enum
 from confluent_kafka import Message
 
 from runner.archive.store import ReservationBusy
-from runner.bus.clients import Publisher, broker_trouble
+from runner.bus.clients import Deliveries, Publisher, broker_trouble
 from runner.bus.health import RunnerHealth
 from runner.bus.models import JobState, StatusEvent, TriggerRef, utcnow
 from runner.bus.status import StatusView
@@ -74,9 +76,14 @@ RETRY_DELAYS = (2.0, 10.0, 30.0)
 TRANSIENT_DELAY = 5.0
 #: Threads that admit messages and look at data files (cheap work: never a reduction).
 CHECK_THREADS = 2
-#: Messages being checked at once, and parked runs, before partitions are paused.
-MAX_CHECKS = 64
+#: Messages taken and not finished outside the reduction slots (being checked, or their dead letters and final
+#: states not yet acknowledged), and parked runs, before partitions are paused: rejections are pipelined, so a
+#: slow broker acknowledgement (Tansu on S3 takes a second or more) does not throttle them.
+MAX_CHECKS = 500
 MAX_PARKED = 1000
+#: Admitted runs waiting for a reduction slot before partitions are paused: the messages behind them (rejections,
+#: redeliveries, parked runs) keep flowing while every slot is busy.
+MAX_QUEUED = 64
 
 
 class Outcome(Enum):
@@ -93,6 +100,8 @@ class Attempt:
     """A message being worked on, parked, or waiting for its next attempt."""
 
     msg: Message
+    #: The job the message is (several messages of one job are never worked on at once).
+    job_id: str = ""
     attempts: int = 0
     due: float = 0.0
     error: str | None = None
@@ -159,6 +168,10 @@ class Runner:
         self._checking: dict[Attempt, Future[None]] = {}
         self._reducing: dict[Attempt, Future[None]] = {}
         self._lock = threading.Lock()
+        #: The attempt working on each job id, and the later messages of that job waiting for it, in offset order
+        #: (polling thread only): a redelivery or a message reusing an id must see the first one's outcome.
+        self._claims: dict[str, Attempt] = {}
+        self._blocked: dict[str, deque[Attempt]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None) -> None:
@@ -243,23 +256,33 @@ class Runner:
         def check(attempt: Attempt) -> None:
             checking[attempt] = checks.submit(self._check, reducer, attempt, slots)
 
+        def take(msg: Message) -> None:
+            attempt = Attempt(msg, job_id=reducer.identify(msg)[0])
+            holder = self._claims.setdefault(attempt.job_id, attempt)
+            if holder is attempt:
+                check(attempt)
+            else:  # the same job is being worked on: after it, in order
+                self._blocked.setdefault(attempt.job_id, deque()).append(attempt)
+
         try:
             while not self.stop_event.is_set():
                 if revoked:  # the consumer's rebalance callback ran in our poll: drop what is no longer ours
-                    self._drop(set(revoked), timers)
+                    for attempt in self._drop(set(revoked), timers):
+                        check(attempt)
                     revoked.clear()
-                self._settle(work, checking, timers, order)
+                for attempt in self._settle(work, checking, timers, order):
+                    check(attempt)  # a message of a job that was being worked on: its turn now
                 now = time.monotonic()
                 while timers and timers[0][0] <= now and len(checking) < MAX_CHECKS:
                     _, _, attempt = heapq.heappop(timers)
                     if not attempt.revoked:
                         check(attempt)
                 room = 0
-                if len(reducing) < 2 * capacity and len(timers) < MAX_PARKED:
-                    room = MAX_CHECKS - len(checking)
+                if len(reducing) < capacity + MAX_QUEUED and len(timers) < MAX_PARKED:
+                    room = MAX_CHECKS - len(checking) - sum(len(b) for b in self._blocked.values())
                 busy = bool(checking or reducing or timers)
                 for msg in work.poll(room, timeout=0.02 if busy else 0.2):
-                    check(Attempt(msg))
+                    take(msg)
                 work.commit()
                 publisher.poll(0)
                 self._heartbeat(publisher, work, reducer)
@@ -280,10 +303,21 @@ class Runner:
                 work.poll(0, timeout=0.2)
                 self._settle(work, checking, [], order)
             work.commit()
+            self._claims.clear()
+            self._blocked.clear()
 
     def _check(self, reducer: Reducer, attempt: Attempt, slots: ThreadPoolExecutor) -> None:
-        """Check thread: admit the message (first time), look at its data files; hand a ready job to a slot."""
-        outcome, detail = self._guarded(reducer, attempt, lambda: self._admit(reducer, attempt))
+        """Check thread: admit the message (first time), look at its data files; hand a ready job to a slot.
+
+        A message finished here (rejected, skipped, a redelivery) is reported done only once its dead letter and
+        final state are acknowledged: they are sent without waiting, so rejections do not queue behind round trips.
+        """
+        deliveries = Deliveries()
+        outcome, detail = self._guarded(reducer, attempt, lambda: self._admit(reducer, attempt, deliveries))
+        if outcome is Outcome.DONE:
+            deliveries.then(lambda err: self._outcomes.put(
+                (attempt, Outcome.DONE, None) if err is None else (attempt, Outcome.TRANSIENT, str(err))))
+            return
         if outcome is Outcome.REDUCE:
             if attempt.revoked or self.stop_event.is_set():
                 outcome = Outcome.INTERRUPTED
@@ -295,12 +329,12 @@ class Runner:
                         outcome = Outcome.INTERRUPTED
         self._outcomes.put((attempt, outcome, detail))
 
-    def _admit(self, reducer: Reducer, attempt: Attempt) -> tuple[Outcome, str | None]:
+    def _admit(self, reducer: Reducer, attempt: Attempt, deliveries: Deliveries) -> tuple[Outcome, str | None]:
         if attempt.job is None:
-            attempt.job = reducer.admit(attempt.msg, attempt.received)
+            attempt.job = reducer.admit(attempt.msg, attempt.received, deliveries)
             if attempt.job is None:
                 return Outcome.DONE, None
-        delay = reducer.prepare(attempt.job)
+        delay = reducer.prepare(attempt.job, deliveries)
         if delay is None:
             return Outcome.DONE, None
         if delay > 0:
@@ -354,13 +388,15 @@ class Runner:
             return Outcome.FAILED, f"{type(exc).__name__}: {exc}"
 
     def _settle(self, work: WorkConsumer, checking: dict[Attempt, Future[None]],
-                timers: list[tuple[float, int, Attempt]], order: Iterator[int]) -> None:
-        """Account for what the worker threads finished: commit what is done, park, schedule retries."""
+                timers: list[tuple[float, int, Attempt]], order: Iterator[int]) -> list[Attempt]:
+        """Account for what the worker threads finished: commit what is done, park, schedule retries. Returns the
+        messages whose job is free now (a later message of a job that was being worked on)."""
+        unblocked: list[Attempt] = []
         while True:
             try:
                 attempt, outcome, error = self._outcomes.get_nowait()
             except queue.Empty:
-                return
+                return unblocked
             checking.pop(attempt, None)
             if outcome is Outcome.REDUCE:
                 continue  # now in a slot (already in ``reducing``)
@@ -370,8 +406,10 @@ class Runner:
                 work.done(attempt.msg)
                 if attempt.job is not None:
                     self.health.jobs_done += 1
+                unblocked += self._release(attempt)
                 continue
             if outcome is Outcome.INTERRUPTED or attempt.revoked or self.stop_event.is_set():
+                unblocked += self._release(attempt)
                 continue  # not committed: redelivered (to us after a restart, or to the partition's new owner)
             if outcome is Outcome.PARKED:
                 pass  # ``due`` set by the check
@@ -385,15 +423,35 @@ class Runner:
                 attempt.due = time.monotonic() + (0 if attempt.attempts >= MAX_ATTEMPTS else delay)
             heapq.heappush(timers, (attempt.due, next(order), attempt))
 
-    def _drop(self, partitions: set[PartitionKey], timers: list[tuple[float, int, Attempt]]) -> None:
-        """Partitions went to another runner: their parked, waiting and unstarted work is theirs now."""
+    def _release(self, attempt: Attempt) -> list[Attempt]:
+        """``attempt`` is over: its job is free for the next message of it (returned, claimed, to be checked)."""
+        if self._claims.get(attempt.job_id) is not attempt:
+            return []
+        del self._claims[attempt.job_id]
+        waiting = self._blocked.get(attempt.job_id)
+        while waiting:
+            following = waiting.popleft()
+            if not following.revoked:
+                self._claims[attempt.job_id] = following
+                if not waiting:
+                    del self._blocked[attempt.job_id]
+                return [following]
+        self._blocked.pop(attempt.job_id, None)
+        return []
+
+    def _drop(self, partitions: set[PartitionKey], timers: list[tuple[float, int, Attempt]]) -> list[Attempt]:
+        """Partitions went to another runner: their parked, waiting and unstarted work is theirs now. Returns the
+        messages (of other partitions) whose job this frees."""
         with self._lock:
-            attempts = [*self._checking, *self._reducing, *(a for _, _, a in timers)]
+            attempts = [*self._checking, *self._reducing, *(a for _, _, a in timers),
+                        *(a for waiting in self._blocked.values() for a in waiting)]
         for attempt in attempts:
             if attempt.partition in partitions:
                 attempt.revoked = True
+        dropped = [entry[2] for entry in timers if entry[2].revoked]  # parked, or waiting for a retry
         timers[:] = [entry for entry in timers if not entry[2].revoked]
         heapq.heapify(timers)
+        return [following for attempt in dropped for following in self._release(attempt)]
 
     def _give_up(self, reducer: Reducer, attempt: Attempt) -> None:
         """After :data:`MAX_ATTEMPTS` failures: dead-letter the message with its error and report the job failed."""

@@ -36,7 +36,7 @@ from confluent_kafka import Message
 from pydantic import TypeAdapter, ValidationError
 
 from runner.archive.store import RECORD, STAGING, Archive, Reservation, run_label
-from runner.bus.clients import Publisher
+from runner.bus.clients import Deliveries, Publisher
 from runner.bus.models import (
     MAX_MESSAGE_BYTES,
     DeadLetter,
@@ -172,44 +172,52 @@ class Reducer:
         replay = headers.get(REPLAY_ID_HEADER) or headers.get(REPLAY_HEADER)
         if len(raw) > MAX_MESSAGE_BYTES:  # never parsed: its id and identity are not to be trusted
             return job_id_for(msg.topic(), msg.partition(), msg.offset(), None, replay), {}
-        return job_id_for(msg.topic(), msg.partition(), msg.offset(), _message_id(raw), replay), _identity(raw)
+        return job_id_for(msg.topic(), msg.partition(), msg.offset(), message_id_of(raw), replay), identity_of(raw)
 
     # -- step 1: admit --------------------------------------------------------------------------
-    def admit(self, msg: Message, received: float | None = None) -> Job | None:
+    def admit(self, msg: Message, received: float | None = None, deliveries: Deliveries | None = None) -> Job | None:
         """The job ``msg`` asks for, queued; None when nothing is left to do (rejected, skipped, a redelivery of a
-        finished job, a runner group of another environment)."""
+        finished job, a runner group of another environment). With ``deliveries``, dead letters and final states are
+        sent without waiting and tracked there (the caller waits for them before committing)."""
         started = time.monotonic()
         topic, raw = msg.topic(), msg.value() or b""
         job_id, identity = self.identify(msg)
         trigger = TriggerRef(topic=topic, partition=msg.partition(), offset=msg.offset(),
-                             message_id=_message_id(raw) if len(raw) <= MAX_MESSAGE_BYTES else None,
+                             message_id=message_id_of(raw) if len(raw) <= MAX_MESSAGE_BYTES else None,
                              digest=hashlib.sha256(raw).hexdigest())
+        known = self.status.get(job_id)
+        problem: str | None = None
+        request: RunCompletion | None = None
         if len(raw) > MAX_MESSAGE_BYTES:
-            self.reject(msg, job_id, trigger, f"message of {len(raw):,} bytes exceeds the limit of "
-                        f"{MAX_MESSAGE_BYTES:,} bytes", identity)
+            problem, identity = f"message of {len(raw):,} bytes exceeds the limit of {MAX_MESSAGE_BYTES:,} bytes", {}
+        else:
+            try:
+                request = (ReductionRequest if topic == REDUCTION_REQUESTS else RunCompletion).model_validate_json(raw)
+            except ValidationError as exc:
+                problem = f"invalid message: {describe_errors(exc)}"
+            else:
+                trigger.digest = request_digest(request)
+        recorded = known.trigger.digest if known is not None and known.trigger is not None else None
+        if recorded is not None and recorded != trigger.digest:
+            # not a redelivery: another message reusing the id. The job stays the first message's, whatever this
+            # one is, so no state is published for it: it is dead-lettered with why.
+            self.reject(msg, job_id, trigger, f"message id {trigger.message_id!r} is already job {job_id} "
+                        f"({known.state.value}, {known.instrument} run {_shorten(known.run_number)}) of a different "
+                        f"message; not run: send it with a message id of its own{f' ({problem})' if problem else ''}",
+                        {}, deliveries)
             return None
-        model = ReductionRequest if topic == REDUCTION_REQUESTS else RunCompletion
-        try:
-            request = model.model_validate_json(raw)
-        except ValidationError as exc:
-            self.reject(msg, job_id, trigger, f"invalid message: {describe_errors(exc)}", identity)
+        if known is not None and known.state.final and recorded is not None:
+            log.info("job %s already %s: a redelivery, not run again", job_id[:8], known.state.value)
             return None
-        trigger.digest = request_digest(request)
+        if problem is not None or request is None:
+            self.reject(msg, job_id, trigger, problem or "invalid message", identity, deliveries)
+            return None
         if not serves(self.settings, self.registry, request):
             log.debug("%s: %s runs in another environment's runner group", job_id[:8], request.instrument)
             return None
-        known = self.status.get(job_id)
-        if known is not None:
-            recorded = known.trigger.digest if known.trigger is not None else None
-            if recorded is not None and recorded != trigger.digest:
-                # not a redelivery: another message reusing the id (the job stays the first message's)
-                self.reject(msg, job_id, trigger, f"message id {trigger.message_id!r} is already job {job_id} "
-                            f"({known.state.value}, {known.instrument} run {known.run_number}) of a different "
-                            "message; not run: send it with a message id of its own", {})
-                return None
-            if known.state.final:
-                log.info("job %s already %s: a redelivery, not run again", job_id[:8], known.state.value)
-                return None
+        if known is not None and known.state.final:  # recorded before digests were: same id, taken as a redelivery
+            log.info("job %s already %s: a redelivery, not run again", job_id[:8], known.state.value)
+            return None
         job = Job(job_id, request, trigger, msg)
         if received is not None:
             job.received = received
@@ -236,18 +244,18 @@ class Reducer:
         try:
             job.template = self.registry.resolve(request.instrument, request.template)
         except TemplateError as exc:
-            self._status(job, JobState.SKIPPED, reason=str(exc), finished_at=utcnow())
+            self._status(job, JobState.SKIPPED, reason=str(exc), finished_at=utcnow(), deliveries=deliveries)
             return None
         try:
             job.paths = check_data_paths(request.data_files, self.settings.data_roots)
         except DataPathError as exc:
-            self.reject(msg, job_id, trigger, str(exc), job.fields)
+            self.reject(msg, job_id, trigger, str(exc), job.fields, deliveries)
             return None
         job.timed("admit", started)
         return job
 
     # -- step 2: the data files -----------------------------------------------------------------
-    def prepare(self, job: Job) -> float | None:
+    def prepare(self, job: Job, deliveries: Deliveries | None = None) -> float | None:
         """0 when the job's data files are ready; else seconds until the next look (the job is shown ``waiting``);
         None when the wait is over (the job is reported failed)."""
         started = time.monotonic()
@@ -259,7 +267,7 @@ class Reducer:
         reasons = "; ".join(f"{path} {why}" for path, why in pending)
         if waited >= limit:
             self._status(job, JobState.FAILED, reason=f"data file not readable after {waited:.0f} s: {reasons}",
-                         finished_at=utcnow())
+                         finished_at=utcnow(), deliveries=deliveries)
             return None
         if not job.waiting:
             job.waiting = True
@@ -350,8 +358,10 @@ class Reducer:
             raise Interrupted()  # killed by our own shutdown: the run is redone after redelivery
         if result.state is JobState.FAILED and result.error is not None \
                 and _ARCHIVE_ERROR_TEXT.search(f"{result.error.ename}: {result.error.evalue}") \
-                and (fault := self.archive_fault()) is not None:
-            self._archive_unavailable(job, fault)  # the template could not write its outputs: not its fault
+                and (self.archive_problem is not None or self.archive_fault() is not None):
+            # the template could not write its outputs while the archive takes no writes (or has not taken one
+            # since it last refused): not the run's failure. A few freed bytes can make a probe pass meanwhile.
+            self._archive_unavailable(job, self.archive_fault() or f"{result.error.ename}: {result.error.evalue}")
         started = time.monotonic()
         outputs = output_files(reservation.final, exclude={reservation.notebook_name, RECORD})
         if result.reason:
@@ -397,33 +407,46 @@ class Reducer:
         return StatusEvent(job_id=job.job_id, state=state, trigger=job.trigger, runner=self.identity,
                            **{**job.fields, **fields})
 
-    def _status(self, job: Job, state: JobState, wait: bool = True, **fields: Any) -> StatusEvent:
+    def _status(self, job: Job, state: JobState, wait: bool = True, deliveries: Deliveries | None = None,
+                **fields: Any) -> StatusEvent:
         """Publish a state of ``job``: final states wait for the broker's acknowledgement (the offset is committed
         after them), the others do not (a later state supersedes a lost one)."""
         event = self._event(job, state, **fields)
         if state.final:
             event.timings = dict(job.timings)
-        self.publish_status(event, wait=wait)
+        self.publish_status(event, wait=wait, deliveries=deliveries)
         return event
 
-    def publish_status(self, event: StatusEvent, wait: bool = True) -> None:
-        if wait:
+    def publish_status(self, event: StatusEvent, wait: bool = True, deliveries: Deliveries | None = None) -> None:
+        """Publish ``event`` and fold it into this runner's view of the jobs: waiting for the acknowledgement, or
+        not (``wait=False``: a non-final state), or tracked in ``deliveries`` (folded once acknowledged, so a
+        retry after a lost record does not take the job for done)."""
+        if deliveries is not None:
+            self.publisher.send(REDUCTION_STATUS, event, key=event.job_id,
+                                on_delivery=deliveries.track(lambda: self.status.put(event)))
+        elif wait:
             self.publisher.publish(REDUCTION_STATUS, event, key=event.job_id)
+            self.status.put(event)
         else:
             self.publisher.send(REDUCTION_STATUS, event, key=event.job_id)
-        self.status.put(event)
+            self.status.put(event)
         log.info("%s %s %s run %s: %s%s", event.job_id[:8], event.instrument, event.state.value,
                  _shorten(event.run_number), event.notebook or "",
                  f" ({_shorten(event.reason)})" if event.reason else "")
 
-    def reject(self, msg: Message, job_id: str, trigger: TriggerRef, reason: str, fields: dict[str, Any]) -> None:
+    def reject(self, msg: Message, job_id: str, trigger: TriggerRef, reason: str, fields: dict[str, Any],
+               deliveries: Deliveries | None = None) -> None:
         """Dead-letter ``msg`` with ``reason``; when it names a run, users find the rejection next to their runs."""
         letter = DeadLetter.wrap(reason, msg.topic(), msg.value(), msg.key(), partition=msg.partition(),
                                  offset=msg.offset(), job_id=job_id, reporter=self.identity)
-        self.publisher.publish(DEAD_LETTER, letter, key=msg.key())
+        if deliveries is not None:
+            self.publisher.send(DEAD_LETTER, letter, key=msg.key(), on_delivery=deliveries.track())
+        else:
+            self.publisher.publish(DEAD_LETTER, letter, key=msg.key())
         if fields:
             self.publish_status(StatusEvent(job_id=job_id, state=JobState.REJECTED, trigger=trigger, reason=reason,
-                                            runner=self.identity, finished_at=utcnow(), **fields))
+                                            runner=self.identity, finished_at=utcnow(), **fields),
+                                deliveries=deliveries)
         else:
             log.warning("dead-lettered %s[%d]@%d: %s", msg.topic(), msg.partition(), msg.offset(), _shorten(reason))
 
@@ -433,7 +456,8 @@ def _shorten(value: Any, limit: int = 300) -> Any:
     return value if len(text) <= limit else text[:limit] + "…"
 
 
-def _message_id(raw: bytes) -> str | None:
+def message_id_of(raw: bytes) -> str | None:
+    """The ``message_id`` of a message, valid or not (what its job id is derived from), when it has a usable one."""
     try:
         value = json.loads(raw).get("message_id")
     except (ValueError, AttributeError, RecursionError):
@@ -441,8 +465,9 @@ def _message_id(raw: bytes) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
-def _identity(raw: bytes) -> dict[str, Any]:
-    """Whatever can safely be said about an invalid message, to show its rejection next to the run."""
+def identity_of(raw: bytes) -> dict[str, Any]:
+    """Whatever can safely be said about an invalid message, to show its rejection next to the run (a message
+    that names nothing identifiable is only dead-lettered)."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
