@@ -146,8 +146,9 @@ class WireModel(BaseModel):
             parent, key, value, _ = found
             excess = size - limit
             if isinstance(value, str):
-                keep = max(0, min(len(value) // 2, len(value) - excess - 200))
-                parent[key] = truncate_text(value, keep)
+                # just enough when that leaves a readable head, else a head of at most 1,000 characters
+                enough = len(value) - excess - 200
+                parent[key] = truncate_text(value, enough if enough >= 1000 else min(1000, len(value) // 2))
             else:
                 keep = len(value) // 2
                 cut = value[:keep]

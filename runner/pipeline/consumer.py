@@ -280,8 +280,10 @@ class Runner:
                 room = 0
                 if len(reducing) < capacity + MAX_QUEUED and len(timers) < MAX_PARKED:
                     room = MAX_CHECKS - len(checking) - sum(len(b) for b in self._blocked.values())
-                busy = bool(checking or reducing or timers)
-                for msg in work.poll(room, timeout=0.02 if busy else 0.2):
+                # a new message wakes the poll at once; only a parked run or a retry falling due needs a deadline
+                # (finished work is only committed, whenever the loop comes round: no need to spin for it)
+                wait = min(0.2, max(0.0, timers[0][0] - time.monotonic())) if timers else 0.2
+                for msg in work.poll(room, timeout=wait if not checking else min(wait, 0.05)):
                     take(msg)
                 work.commit()
                 publisher.poll(0)

@@ -29,7 +29,13 @@ from runner.atomic import write_atomic
 from runner.bus.models import ErrorInfo, JobState, utcnow
 from runner.pipeline.engine import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
 from runner.pipeline.faults import archive_fault
-from runner.pipeline.inspection import error_from_notebook, glued_scraps, scraps_from_kernel, scraps_summary
+from runner.pipeline.inspection import (
+    error_from_notebook,
+    glued_payloads,
+    glued_scraps,
+    scraps_from_kernel,
+    scraps_summary,
+)
 from runner.pipeline.provenance import kernel_record, stamp_notebook
 
 log = logging.getLogger(__name__)
@@ -132,9 +138,12 @@ def execute(
         if nb is None and output_path.exists():
             nb = _read(output_path)
         if nb is not None:
-            scraps, others = glued_scraps(nb)
-            if others and not timed_out.is_set():  # scraps only scrapbook can decode: in the kernel that glued them
-                scraps = scraps_from_kernel(km, output_path)
+            payloads = glued_payloads(nb)
+            others = [p for p in payloads if p["encoder"] != "json"]
+            if others and timed_out.is_set():
+                raise RuntimeError("the kernel that glued them was killed")
+            # scraps only scrapbook can decode (text, pandas, ...): in the kernel that glued them
+            scraps = glued_scraps(payloads, scraps_from_kernel(km, others) if others else None)
     except Exception as exc:  # dead kernel, or an environment that cannot read them: read them here
         log.info("scraps not read in the kernel (%s); reading them in the runner", exc)
         scraps = None
