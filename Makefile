@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export NBREDUCE_HOME ?= $(HOME)/.nbreduce
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench lock browser clean
+.PHONY: setup demo test test-fast lint bench chaos lock browser clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: setup
 	$(BIN)/python -m bench.run --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_state --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_portal --output docs/benchmarks.md
+
+# Faults injected into the running platform (kill storm, broker outages, two runners with one killed, fuzz set,
+# archive read-only or full); writes docs/reliability.md. A reduced form runs in `make test` (tests/test_chaos.py).
+chaos: setup
+	$(BIN)/python -m bench.chaos --output docs/reliability.md
 
 # Re-resolve the pinned lock after changing dependencies in pyproject.toml.
 lock:

@@ -283,3 +283,30 @@ def test_an_error_no_retry_cures_is_tried_a_bounded_number_of_times_then_dead_le
     assert len(tried) == consumer.MAX_ATTEMPTS
     assert "failed 4 times, not retried: KafkaException" in letter.reason and "MSG_SIZE_TOO_LARGE" in letter.reason
     assert len(queued) == 2  # each job queued once: a retry does not announce it again
+
+
+class FencedProducer:
+    """Stand-in for an idempotent producer a restarted broker fenced: every record comes back PRODUCER_FENCED."""
+
+    def produce(self, topic: str, value: bytes | None = None, key: object = None, on_delivery=None) -> None:
+        on_delivery(KafkaError(KafkaError.PRODUCER_FENCED, "Broker: There is a newer producer"), None)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+
+@pytest.mark.broker
+def test_a_producer_the_broker_fenced_is_replaced(broker: Settings) -> None:
+    """Measured after a killed broker restarted: PRODUCER_FENCED on every publish, for ever, until replaced."""
+    publisher = Publisher(broker)
+    publisher._producer = FencedProducer()  # type: ignore[assignment]
+    event = StatusEvent(job_id="fenced", state=JobState.SUCCEEDED)
+    with pytest.raises(KafkaException) as raised:
+        publisher.publish(REDUCTION_STATUS, event, key=event.job_id)
+    assert broker_trouble(raised.value)  # the caller retries it
+    assert not isinstance(publisher._producer, FencedProducer)
+    publisher.publish(REDUCTION_STATUS, event, key=event.job_id)  # the new producer delivers
+    assert [StatusEvent.from_bytes(m.value()).job_id for m in read_topic(broker, REDUCTION_STATUS)] == ["fenced"]

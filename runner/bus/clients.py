@@ -40,6 +40,18 @@ PERMANENT = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, Ka
              KafkaError._INVALID_ARG, KafkaError._INVALID_TYPE}
 
 
+#: Errors of an idempotent producer whose state a restarted broker no longer knows: that producer refuses every
+#: later record (measured after a killed Tansu restarted: PRODUCER_FENCED on every publish, for ever), so it is
+#: replaced by a new one, which gets a new producer id.
+PRODUCER_LOST = {KafkaError._FATAL, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+                 KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+                 KafkaError.INVALID_PRODUCER_ID_MAPPING}
+
+
+def producer_lost(err: KafkaError) -> bool:
+    return err.fatal() or err.code() in PRODUCER_LOST
+
+
 class BrokerUnavailable(RuntimeError):
     """The broker did not answer in time (one clear line for the command line)."""
 
@@ -203,8 +215,8 @@ class Publisher:
     ``message.timeout.ms``: a record is either delivered within it or reported failed, never both).
 
     ``broker_error`` says what the producer last saw of the broker (None once a record was delivered).
-    A producer that hit a fatal error is replaced: an idempotent producer whose sequence state a restarted
-    broker lost (``OUT_OF_ORDER_SEQUENCE_NUMBER``) refuses every record after it, for ever.
+    A producer that lost its state (:data:`PRODUCER_LOST`: an idempotent producer a restarted broker fenced or
+    no longer knows) is replaced; the record that met the error is retried by the caller, as broker trouble.
     """
 
     def __init__(self, settings: Settings, timeout: float = 30.0):
@@ -228,7 +240,7 @@ class Publisher:
     def _on_error(self, err: KafkaError) -> None:
         if err.code() in BROKER_DOWN:
             self.broker_error = f"broker unreachable: {err.str()}"
-        if err.fatal():
+        if producer_lost(err):
             self._replace(self._producer, err)
 
     def _delivered(self, client: Producer, err: KafkaError | None) -> None:
@@ -236,7 +248,7 @@ class Publisher:
             self.broker_error = None
         elif err.code() in BROKER_DOWN:
             self.broker_error = f"broker unreachable: {err.str()}"
-        elif err.fatal() or err.code() == KafkaError._FATAL:
+        elif producer_lost(err):
             self._replace(client, err)
 
     def publish(self, topic: str, message: WireModel | bytes | None, key: str | bytes | None = None,
@@ -300,8 +312,7 @@ class Publisher:
                 return client
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
-                if attempt == 2 or not fatal:
+                if attempt == 2 or not (isinstance(err, KafkaError) and producer_lost(err)):
                     raise
                 self._replace(client, err)
         raise AssertionError("unreachable")

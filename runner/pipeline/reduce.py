@@ -137,11 +137,9 @@ class Job:
     #: When this runner took the message (``time.monotonic``).
     received: float = field(default_factory=time.monotonic)
 
-    def timed(self, phase: str, since: float) -> float:
-        """Add the time since ``since`` (monotonic) to ``phase``; returns now."""
-        now = time.monotonic()
-        self.timings[phase] = round(self.timings.get(phase, 0.0) + (now - since) * 1000, 2)
-        return now
+    def timed(self, phase: str, since: float) -> None:
+        """Add the time since ``since`` (monotonic) to ``phase``."""
+        self.timings[phase] = round(self.timings.get(phase, 0.0) + (time.monotonic() - since) * 1000, 2)
 
 
 class Reducer:
@@ -206,17 +204,14 @@ class Reducer:
                         f"message; not run: send it with a message id of its own{f' ({problem})' if problem else ''}",
                         {}, deliveries)
             return None
-        if known is not None and known.state.final and recorded is not None:
+        if known is not None and known.state.final:  # the same message again (or one recorded before digests were)
             log.info("job %s already %s: a redelivery, not run again", job_id[:8], known.state.value)
             return None
-        if problem is not None or request is None:
+        if request is None:
             self.reject(msg, job_id, trigger, problem or "invalid message", identity, deliveries)
             return None
         if not serves(self.settings, self.registry, request):
             log.debug("%s: %s runs in another environment's runner group", job_id[:8], request.instrument)
-            return None
-        if known is not None and known.state.final:  # recorded before digests were: same id, taken as a redelivery
-            log.info("job %s already %s: a redelivery, not run again", job_id[:8], known.state.value)
             return None
         job = Job(job_id, request, trigger, msg)
         if received is not None:
