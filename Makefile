@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export NBREDUCE_HOME ?= $(CURDIR)/.nbreduce
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint bench lock browser system clean images images-ci images-base deploy-test
+.PHONY: setup demo test test-fast lint bench chaos lock browser system clean images images-ci images-base deploy-test
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: setup
 	$(BIN)/python -m bench.bench_state --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_portal --output docs/benchmarks.md
 	$(BIN)/python -m bench.bench_progress --output docs/benchmarks.md
+
+# Faults injected into the running platform (kill storm, broker outages, two runners with one killed, fuzz set,
+# archive read-only or full); writes docs/reliability.md. A reduced form runs in `make test` (tests/test_chaos.py).
+chaos: setup
+	$(BIN)/python -m bench.chaos --output docs/reliability.md
 
 # Re-resolve the pinned lock after changing dependencies in pyproject.toml.
 lock:

@@ -67,7 +67,10 @@ class BrokerSettings(BaseModel):
     #: Preferred port of the embedded broker (kept across restarts when free).
     port: int | None = Field(None, ge=1, le=65535)
     #: How long a command-line client waits for the broker before it gives up with one clear line.
-    timeout_seconds: float = Field(10.0, gt=0)
+    timeout_seconds: float = Field(5.0, gt=0)
+    #: Longest wait of a consumer's fetch for new data (ms); unset: 10 on the embedded broker with memory
+    #: storage, 100 otherwise (Tansu on S3 answers shorter waits with no data; Redpanda answers at once anyway).
+    fetch_wait_ms: int | None = Field(None, ge=1, le=500)
 
     @field_validator("kafka", mode="before")
     @classmethod

@@ -85,6 +85,10 @@ class FakeConsumer:
     def resume(self, partitions: list[TopicPartition]) -> None:
         self.paused -= {(p.topic, p.partition) for p in partitions}
 
+    def poll(self, timeout: float) -> Message | None:
+        batch = self.consume(1, timeout)
+        return batch[0] if batch else None
+
     def consume(self, num_messages: int, timeout: float) -> list[Message]:
         batch = []
         while self.position < len(self.log) and len(batch) < num_messages:

@@ -139,10 +139,16 @@ class Archive:
                 break
             except FileExistsError:  # another runner took it
                 version += 1
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-        marker.write_text(json.dumps({"version": version, "run_dir": str(run_dir)}))
+        try:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            # atomically: a marker cut short by a full disk would make every retry of the job fail to read it
+            write_atomic(marker, json.dumps({"version": version, "run_dir": str(run_dir)}))
+        except OSError:  # archive full or read-only: give the version back, the retry reserves it again
+            with contextlib.suppress(OSError):
+                (run_dir / f"v{version}").rmdir()
+            raise
         return Reservation(job_id, version, staging, run_dir / f"v{version}", name, lock)
 
     def publish(self, reservation: Reservation, record: StatusEvent) -> Path:

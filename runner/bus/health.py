@@ -34,8 +34,10 @@ class Heartbeat(WireModel):
     timestamp: datetime = Field(default_factory=utcnow)
     #: Seconds until the next heartbeat is due.
     interval_seconds: float = 30.0
-    #: ``ok``, ``starting``, ``broker unreachable``, ``stopping`` or ``stopped``.
+    #: ``ok``, ``starting``, ``broker unreachable``, ``archive unwritable``, ``stopping`` or ``stopped``.
     state: str = "ok"
+    #: What is wrong, in the words of whatever said so (the broker client, the file system), while it lasts.
+    problem: str | None = None
 
     component: str = "component"
 

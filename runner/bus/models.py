@@ -9,14 +9,36 @@ so nothing downstream can be tricked into writing outside the archive.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import math
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
+
+#: The largest incoming message (run completion, request) nbreduce accepts; larger ones are dead-lettered
+#: at once. A run completion is a few hundred bytes; a multi-run job of a thousand files stays far below.
+MAX_MESSAGE_BYTES = 256 * 1024
+#: The largest record nbreduce writes: brokers refuse records over 1 MB by default (Kafka, Redpanda), so
+#: every outgoing record is bounded well below that (:meth:`WireModel.bounded`).
+MAX_RECORD_BYTES = 512 * 1024
+#: How much of a rejected message's original bytes a dead letter keeps (the rest by reference: source
+#: topic, partition, offset, size and SHA-256).
+MAX_ORIGINAL_BYTES = 128 * 1024
 
 #: Instrument names become folder names: upper-case letters, digits, underscore only.
 InstrumentName = Annotated[
@@ -27,6 +49,11 @@ InstrumentName = Annotated[
 #: Experiment (RB) numbers: digits only (ISIS uses 7; calibration placeholders are reported by the runner).
 RBNumber = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^[0-9]{1,12}$")]
 RunNumber = Annotated[int, Field(gt=0, lt=10**12)]
+#: A data path: at most PATH_MAX (4096) characters.
+DataPath = Annotated[str, StringConstraints(max_length=4096)]
+#: Sizes of what one message may name: runs and files of a multi-run job, parameter overrides.
+MAX_RUNS = 1000
+MAX_ARGUMENTS = 200
 #: A template of an instrument folder: ``notebooks/<INSTRUMENT>/<name>.ipynb`` (default ``reduce``).
 TemplateName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 
@@ -39,6 +66,55 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _sane_value(value: Any, depth: int = 0) -> None:
+    """Template parameter values are JSON scalars and short lists: refuse what no template could take (deep
+    nesting, numbers beyond 64 bits or not finite, huge strings and lists), before anything computes on it."""
+    if depth > 8:
+        raise ValueError("nested more than 8 levels deep")
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("integer outside the 64-bit range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("number is not finite")
+    elif isinstance(value, str):
+        if len(value) > 10_000:
+            raise ValueError("text longer than 10,000 characters")
+    elif isinstance(value, list):
+        if len(value) > 10_000:
+            raise ValueError("list longer than 10,000 items")
+        for item in value:
+            _sane_value(item, depth + 1)
+    elif isinstance(value, dict):
+        if len(value) > MAX_ARGUMENTS:
+            raise ValueError(f"more than {MAX_ARGUMENTS} entries")
+        for key, item in value.items():
+            _sane_value(key, depth + 1)
+            _sane_value(item, depth + 1)
+
+
+def _sane_arguments(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) > MAX_ARGUMENTS:
+        raise ValueError(f"more than {MAX_ARGUMENTS} parameter overrides")
+    for name, item in value.items():
+        if len(name) > 64:
+            raise ValueError(f"parameter name longer than 64 characters: {name[:64]!r}…")
+        try:
+            _sane_value(item)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return value
+
+
+def truncate_text(text: str, keep: int) -> str:
+    """``text`` cut to ``keep`` characters with a marker saying how much was cut (never silently)."""
+    if len(text) <= keep:
+        return text
+    return f"{text[:keep]}… [{len(text) - keep} characters truncated by nbreduce]"
+
+
 class WireModel(BaseModel):
     """Base of all wire messages: JSON in, JSON out, tolerant of fields added by newer writers."""
 
@@ -46,30 +122,93 @@ class WireModel(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
 
+    #: Fields never shortened by :meth:`bounded` (their values would be corrupted, e.g. base64).
+    _unbounded: ClassVar[frozenset[str]] = frozenset()
+
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    def bounded(self, limit: int = MAX_RECORD_BYTES) -> WireModel:
+        """This message, or a copy whose longest texts and lists are cut (with a marker) until it encodes to
+        at most ``limit`` bytes: a record the broker refuses would block the work that wanted to publish it.
+        Raises ``ValueError`` when even that cannot make it fit."""
+        raw = self.to_bytes()
+        if len(raw) <= limit:
+            return self
+        data = json.loads(raw)
+        size = len(raw)
+        for _ in range(200):
+            if size <= limit:
+                return type(self).model_validate(data)
+            found = _largest(data, self._unbounded)
+            if found is None:
+                break
+            parent, key, value, _ = found
+            excess = size - limit
+            if isinstance(value, str):
+                # just enough when that leaves a readable head, else a head of at most 1,000 characters
+                enough = len(value) - excess - 200
+                parent[key] = truncate_text(value, enough if enough >= 1000 else min(1000, len(value) // 2))
+            else:
+                keep = len(value) // 2
+                cut = value[:keep]
+                if all(isinstance(v, str) for v in value):
+                    cut.append(f"… [{len(value) - keep} more truncated by nbreduce]")
+                parent[key] = cut
+            size = len(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+        raise ValueError(f"{type(self).__name__} of {len(raw)} bytes cannot be bounded to {limit} bytes")
 
     @classmethod
     def from_bytes(cls, raw: bytes | str):
         return cls.model_validate_json(raw)
 
 
+def _largest(data: Any, skip: frozenset[str]) -> tuple[Any, Any, Any, int] | None:
+    """The longest text (or list) in a JSON tree, as ``(parent, key, value, encoded size)``; None when nothing
+    is left worth cutting."""
+    best: tuple[Any, Any, Any, int] | None = None
+
+    def visit(parent: Any, key: Any, value: Any, top: bool) -> None:
+        nonlocal best
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not (top and k in skip):
+                    visit(value, k, v, False)
+        elif isinstance(value, list):
+            size = len(json.dumps(value, ensure_ascii=False))
+            if len(value) > 1 and (best is None or size > best[3]) and size > 256:
+                best = (parent, key, value, size)
+            for i, v in enumerate(value):
+                visit(value, i, v, False)
+        elif isinstance(value, str) and len(value) > 256:
+            size = len(json.dumps(value, ensure_ascii=False))
+            if best is None or size > best[3]:
+                best = (parent, key, value, size)
+
+    visit(None, None, data, True)
+    return best
+
+
 class RunCompletion(WireModel):
-    """A finished run (or set of runs) that should be reduced; ``data_ready``-compatible."""
+    """A finished run (or set of runs) that should be reduced; ``data_ready``-compatible.
+
+    Every field has a length limit: a message is a few hundred bytes, and what it carries ends up in
+    status events, file names and the executed notebook.
+    """
 
     kind: Literal["run-completion"] = "run-completion"
-    message_id: str | None = None
+    message_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     timestamp: datetime = Field(default_factory=utcnow)
     instrument: InstrumentName
-    run_number: RunNumber | list[RunNumber]
+    run_number: RunNumber | Annotated[list[RunNumber], Field(max_length=MAX_RUNS)]
     rb_number: RBNumber | None = None
-    data: str | list[str]
-    run_title: str = ""
-    facility: str = "ISIS"
+    data: DataPath | Annotated[list[DataPath], Field(max_length=MAX_RUNS)]
+    run_title: Annotated[str, StringConstraints(max_length=1000)] = ""
+    facility: Annotated[str, StringConstraints(max_length=64)] = "ISIS"
     #: ISIS convention: 0 = run detection, -1 = manual; a user name for manual submissions.
-    started_by: int | str = 0
+    started_by: int | Annotated[str, StringConstraints(max_length=128)] = 0
     #: Parameter overrides for the template (legacy ``standard_vars``/``advanced_vars`` are flattened).
-    reduction_arguments: dict[str, Any] = Field(default_factory=dict)
+    reduction_arguments: Annotated[dict[str, Any], AfterValidator(_sane_arguments)] = Field(default_factory=dict)
     #: Which template of the instrument runs (multi-run jobs name theirs, e.g. ``sum``); default ``reduce``.
     template: TemplateName | None = None
 
@@ -127,17 +266,20 @@ class ReductionRequest(RunCompletion):
     """A manual submission or a rerun (``nbreduce submit``, the portal's rerun form)."""
 
     kind: Literal["reduction-request"] = "reduction-request"  # type: ignore[assignment]
-    message_id: str = Field(default_factory=new_id)
-    started_by: int | str = -1
-    requested_by: str = "unknown"
+    message_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] = Field(  # type: ignore[assignment]
+        default_factory=new_id)
+    started_by: int | Annotated[str, StringConstraints(max_length=128)] = -1
+    requested_by: Annotated[str, StringConstraints(max_length=128)] = "unknown"
     #: Job id this request reruns, so the portal can show the version history.
-    rerun_of: str | None = None
+    rerun_of: Annotated[str, StringConstraints(max_length=64)] | None = None
     #: Ask for a specific environment build (content hash) instead of the current one.
-    environment_hash: str | None = None
+    environment_hash: Annotated[str, StringConstraints(max_length=80)] | None = None
 
 
 class JobState(StrEnum):
     QUEUED = "queued"
+    #: The run's data file is not ready yet (or the archive cannot be written): parked, retried on a timer.
+    WAITING = "waiting"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -147,7 +289,7 @@ class JobState(StrEnum):
 
     @property
     def final(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+        return self not in (JobState.QUEUED, JobState.WAITING, JobState.RUNNING)
 
 
 class ErrorInfo(BaseModel):
@@ -167,6 +309,9 @@ class TriggerRef(BaseModel):
     partition: int
     offset: int
     message_id: str | None = None
+    #: SHA-256 of the request (its content without the send time; the raw bytes when it is not valid): a
+    #: message reusing a job's id is a redelivery only when this matches.
+    digest: str | None = None
 
 
 class StatusEvent(WireModel):
@@ -204,6 +349,9 @@ class StatusEvent(WireModel):
     environment_hash: str | None = None
     template_hash: str | None = None
     runner: str | None = None
+    #: Where the platform's time went, in milliseconds (queue, admit, kernel, execute, cells, scraps, notebook,
+    #: archive, ...): ``make bench`` reports the overhead from these.
+    timings: dict[str, float] = Field(default_factory=dict)
 
     @property
     def runs(self) -> list[int]:
@@ -269,17 +417,31 @@ class DeadLetter(WireModel):
     partition: int | None = None
     offset: int | None = None
     key_b64: str | None = None
+    #: The original bytes (base64), or their first :data:`MAX_ORIGINAL_BYTES` when ``value_truncated``.
     value_b64: str
+    #: Size and SHA-256 of the whole original: a truncated letter refers to the record at ``source_topic``
+    #: ``partition`` ``offset`` (``nbreduce replay`` fetches it from there and checks it).
+    value_size: int | None = None
+    value_sha256: str | None = None
+    value_truncated: bool = False
     job_id: str | None = None
     reporter: str | None = None
 
+    _unbounded: ClassVar[frozenset[str]] = frozenset({"value_b64", "key_b64", "value_sha256"})
+
     @classmethod
     def wrap(cls, reason: str, topic: str, value: bytes | None, key: bytes | None = None, **kw: Any):
+        """A letter for ``value``; originals over :data:`MAX_ORIGINAL_BYTES` are kept by reference and truncated,
+        keys over 1 KiB truncated: a letter must never be a record the broker refuses."""
+        value = value or b""
         return cls(
-            reason=reason,
+            reason=truncate_text(reason, 4000),
             source_topic=topic,
-            value_b64=base64.b64encode(value or b"").decode(),
-            key_b64=base64.b64encode(key).decode() if key is not None else None,
+            value_b64=base64.b64encode(value[:MAX_ORIGINAL_BYTES]).decode(),
+            value_size=len(value),
+            value_sha256=hashlib.sha256(value).hexdigest(),
+            value_truncated=len(value) > MAX_ORIGINAL_BYTES,
+            key_b64=base64.b64encode(key[:1024]).decode() if key is not None else None,
             **kw,
         )
 

@@ -5,6 +5,10 @@ The original bytes and key go back to the original nbreduce input topic with the
 job id from it, because the original job is already final as ``rejected``. Each replay also carries
 ``nbreduce-replay-id`` (fresh per replay), so two deliberate replays of one letter can be told apart.
 
+A letter of a huge message keeps only its first bytes (records are bounded); its original is replayed from
+the source record it names (topic, partition, offset), checked against the letter's SHA-256, or refused
+when that record is gone.
+
 A dead letter is replayed at most once: every replay is recorded in the trigger-state topic under
 ``replay:<dead letter id>`` after the broker acknowledged it, and recorded letters are skipped unless
 forced. (A crash between the two leaves the replay unrecorded; replaying again then gives a second job.)
@@ -13,16 +17,17 @@ forced. (A crash between the two leaves the replay unrecorded; replaying again t
 from __future__ import annotations
 
 import getpass
+import hashlib
 import socket
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Literal
 
-from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import BaseModel, Field, ValidationError
 
-from runner.bus.clients import Publisher, producer, read_topic
+from runner.bus.clients import Publisher, client_config, producer, read_topic
 from runner.bus.models import DeadLetter, WireModel, new_id, utcnow
 from runner.bus.table import TopicTable
 from runner.bus.topics import (
@@ -93,6 +98,25 @@ def dead_letters(settings: Settings) -> list[DeadLetter]:
     return list(letters.values())
 
 
+def original(settings: Settings, letter: DeadLetter, timeout: float = 10) -> bytes | None:
+    """The whole original of ``letter``: its own bytes, or (a truncated letter) the source record it names when
+    that record is still there and matches the letter's SHA-256; None otherwise."""
+    if not letter.value_truncated:
+        return letter.value
+    if letter.partition is None or letter.offset is None:
+        return None
+    consumer = Consumer({**client_config(settings), "group.id": "nbreduce-replay", "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(letter.source_topic, letter.partition, letter.offset)])
+        msg = consumer.poll(timeout)
+    finally:
+        consumer.close()
+    if msg is None or msg.error() is not None or msg.offset() != letter.offset:
+        return None
+    value = msg.value() or b""
+    return value if hashlib.sha256(value).hexdigest() == letter.value_sha256 else None
+
+
 def _refusal(letter: DeadLetter) -> str | None:
     if letter.source_topic in REPLAYABLE_TOPICS:
         return None
@@ -136,12 +160,16 @@ def replay(settings: Settings, ids: Sequence[str] = (), reason: str | None = Non
             result.status = "skipped"
             result.detail = (f"already replayed {previous.replayed_at:%Y-%m-%d %H:%M:%S} UTC by {previous.replayed_by} "
                              f"to {previous.target_topic}[{previous.partition}]@{previous.offset}; --force to repeat")
+        elif (value := original(settings, letter)) is None:
+            result.status = "refused"
+            result.detail = (f"the letter keeps {len(letter.value):,} of the message's {letter.value_size:,} bytes and "
+                             f"the original is no longer at {letter.source_topic}[{letter.partition}]@{letter.offset}")
         elif not dry_run:
             if client is None:  # not `or`: a Producer's truth value is its queue length
                 client = producer(settings)
             result.replay_id = replay_id = new_id()
             delivered: list[KafkaError | Message] = []
-            client.produce(letter.source_topic, value=letter.value, key=letter.key,
+            client.produce(letter.source_topic, value=value, key=letter.key,
                            headers=[(REPLAY_HEADER, letter.dead_letter_id.encode()),
                                     (REPLAY_ID_HEADER, replay_id.encode())],
                            on_delivery=lambda err, msg, out=delivered: out.append(msg if err is None else err))

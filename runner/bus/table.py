@@ -24,10 +24,11 @@ from typing import Generic, TypeVar
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import BaseModel, ValidationError
 
-from runner.bus.clients import LOW_LATENCY, client_config, read_topic
+from runner.bus.clients import RateLimited, client_config, low_latency, read_topic, take
 from runner.config import BrokerNotConfigured, Settings
 
 log = logging.getLogger(__name__)
+log.addFilter(RateLimited())  # a follower's complaints while the broker is away: once per 30 s
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -124,7 +125,8 @@ class TopicTable(Generic[M]):
         if self._consumer is not None:
             return
         consumer = Consumer({**client_config(self.settings), "group.id": f"nbreduce-table-{self.topic}",
-                             "enable.auto.commit": False, "enable.partition.eof": True, **LOW_LATENCY})
+                             "enable.auto.commit": False, "enable.partition.eof": True,
+                             **low_latency(self.settings)})
         try:
             metadata = consumer.list_topics(self.topic, timeout=self.settings.broker.timeout_seconds)
             topic = metadata.topics.get(self.topic)
@@ -142,7 +144,7 @@ class TopicTable(Generic[M]):
         self.open()
         assert self._consumer is not None
         changed: list[M] = []
-        for msg in self._consumer.consume(batch, timeout=timeout):
+        for msg in take(self._consumer, batch, timeout):
             err = msg.error()
             if err is None:
                 value = self.apply(msg.key(), msg.value())

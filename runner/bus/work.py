@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from runner.bus.clients import group_consumer
+from runner.bus.clients import BROKER_DOWN, group_consumer, take
 from runner.config import Settings
 
 log = logging.getLogger(__name__)
 
-#: Errors that mean "the broker is unreachable right now" (librdkafka reconnects by itself).
-BROKER_DOWN = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError._TIMED_OUT}
+#: A partition as ``(topic, partition)``.
+PartitionKey = tuple[str, int]
 
 
 class OffsetTracker:
@@ -82,9 +82,13 @@ class WorkConsumer:
     """
 
     def __init__(self, settings: Settings, group: str, topics: Sequence[str], *, name: str | None = None,
-                 consumer: Consumer | None = None, **config: Any):
-        """``consumer``: an already configured client (tests); by default a group member of ``group``."""
+                 consumer: Consumer | None = None,
+                 on_revoke: Callable[[list[PartitionKey]], None] | None = None, **config: Any):
+        """``consumer``: an already configured client (tests); by default a group member of ``group``.
+        ``on_revoke`` is told which partitions went away (revoked or lost): their unstarted work is no longer
+        ours (it is redelivered to the new owner)."""
         self.name = name or group
+        self._revoked = on_revoke
         self.tracker = OffsetTracker()
         #: The latest broker problem seen by this consumer (None once it fetches or is assigned again).
         self.broker_error: str | None = None
@@ -99,7 +103,7 @@ class WorkConsumer:
         """Up to ``max_messages`` new messages (none, and partitions paused, when it is 0)."""
         self._set_paused(max_messages <= 0)
         messages = []
-        for msg in self._consumer.consume(max(1, max_messages), timeout=timeout):
+        for msg in take(self._consumer, max(1, max_messages), timeout):
             err = msg.error()
             if err is not None:
                 self._report(err)
@@ -121,8 +125,10 @@ class WorkConsumer:
         try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            log.warning("%s: commit failed (will retry): %s", self.name, exc)
+            self._report(exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else
+                         KafkaError(KafkaError._FAIL, str(exc)), "commit failed (will retry)")
             return False
+        self.broker_error = None
         self.tracker.committed(offsets)
         return True
 
@@ -176,13 +182,18 @@ class WorkConsumer:
             except KafkaException as exc:
                 log.warning("%s: commit on revoke failed: %s", self.name, exc)
         self.tracker.forget(keys)
+        if keys and self._revoked is not None:
+            self._revoked(keys)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions lost without a clean revoke (session timed out): nothing may be committed for them."""
-        log.warning("%s: lost %s", self.name, [(p.topic, p.partition) for p in partitions])
-        self.tracker.forget([(p.topic, p.partition) for p in partitions])
+        keys = [(p.topic, p.partition) for p in partitions]
+        log.warning("%s: lost %s", self.name, keys)
+        self.tracker.forget(keys)
+        if keys and self._revoked is not None:
+            self._revoked(keys)
 
-    def _report(self, err: KafkaError) -> None:
+    def _report(self, err: KafkaError, what: str = "") -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             return
         if err.code() in BROKER_DOWN:
@@ -190,4 +201,4 @@ class WorkConsumer:
         now = time.monotonic()
         if now - self._error_logged >= 30:  # librdkafka retries by itself: one line per 30 s is enough
             self._error_logged = now
-            log.warning("%s: %s", self.name, err.str())
+            log.warning("%s: %s%s", self.name, f"{what}: " if what else "", err.str())

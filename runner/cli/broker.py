@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from runner.cli.common import load_settings
+from runner.cli.common import broker_settings, load_settings
 
 
 @click.group()
@@ -63,7 +63,7 @@ def topics_ensure() -> None:
     from runner.bus.clients import admin
     from runner.bus.topics import TOPICS, ensure_topics
 
-    settings = load_settings()
+    settings = broker_settings()
     created = ensure_topics(admin(settings), settings, timeout=settings.broker.timeout_seconds)
     click.echo(f"created: {', '.join(created) or 'none, all existed'}")
     click.echo(f"expected: {', '.join(spec.name for spec in TOPICS)}")

@@ -16,6 +16,17 @@ def load_settings() -> Settings:
     return Settings.from_env()
 
 
+def broker_settings() -> Settings:
+    """The settings of a command that talks to the broker, once the broker answered: a broker that is away
+    fails the command within ``broker.timeout_seconds`` with one line (see ``main``), not after minutes of
+    retries with a traceback."""
+    from runner.bus.clients import check_broker
+
+    settings = load_settings()
+    check_broker(settings)
+    return settings
+
+
 def install_stop_signals(stop: threading.Event) -> None:
     """SIGINT/SIGTERM ask for a clean stop (Kubernetes sends SIGTERM); a second one exits at once."""
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from runner.cli.common import load_settings, parse_param, show
+from runner.cli.common import broker_settings, parse_param, show
 
 
 @click.command()
@@ -29,10 +29,11 @@ def submit(instrument, runs, files, rb, title, params, user, wait, timeout) -> N
 
     from runner.pipeline.submit import submit_request, wait_for_job
 
+    settings = broker_settings()
     try:
         overrides = dict(parse_param(p) for p in params)
         job_id = submit_request(
-            load_settings(),
+            settings,
             instrument=instrument,
             run_number=list(runs) if len(runs) > 1 else runs[0],
             data=[str(Path(f).resolve()) for f in files] if len(files) > 1 else str(Path(files[0]).resolve()),
@@ -45,7 +46,7 @@ def submit(instrument, runs, files, rb, title, params, user, wait, timeout) -> N
         raise click.ClickException(f"invalid submission: {exc}") from None
     click.echo(f"submitted job {job_id}")
     if wait:
-        event = wait_for_job(load_settings(), job_id, timeout)
+        event = wait_for_job(settings, job_id, timeout)
         if event is None:
             raise click.ClickException(f"job {job_id} not finished after {timeout:.0f} s")
         click.echo(f"{event.outcome}: {event.notebook or ''} {event.reason or ''}".rstrip())
@@ -63,7 +64,7 @@ def runs(instrument, state, limit, as_json) -> None:
     """Jobs and their states, newest first (folded from the status topic)."""
     from runner.bus.status import StatusView
 
-    jobs = sorted(StatusView.rebuild(load_settings()).snapshot(), key=lambda e: e.timestamp, reverse=True)
+    jobs = sorted(StatusView.rebuild(broker_settings()).snapshot(), key=lambda e: e.timestamp, reverse=True)
     if instrument:
         jobs = [j for j in jobs if j.instrument == instrument.upper()]
     if state:
@@ -97,7 +98,9 @@ def dead_letters(as_json) -> None:
 
     def line(d: DeadLetter) -> str:
         preview = d.value[:80].decode(errors="replace").replace("\n", " ")
+        if d.value_truncated:
+            preview += f" … ({d.value_size:,} bytes, sha256 {d.value_sha256}: the whole message is the source record)"
         return f"{d.timestamp:%Y-%m-%d %H:%M:%S} {d.source_topic}[{d.partition}]@{d.offset}: {d.reason}\n    {preview}"
 
-    show([DeadLetter.from_bytes(m.value()) for m in read_topic(load_settings(), DEAD_LETTER)], as_json,
+    show([DeadLetter.from_bytes(m.value()) for m in read_topic(broker_settings(), DEAD_LETTER)], as_json,
           "no dead letters", line)

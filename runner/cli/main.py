@@ -54,6 +54,17 @@ class NbreduceGroup(click.Group):
             return super().invoke(ctx)
         except BrokerNotConfigured as exc:
             raise click.ClickException(str(exc)) from None
+        except Exception as exc:  # the broker went away during the command: one line, no traceback
+            from confluent_kafka import KafkaException
+
+            from runner.bus.clients import BrokerUnavailable
+
+            if isinstance(exc, BrokerUnavailable):
+                raise click.ClickException(str(exc)) from None
+            if isinstance(exc, KafkaException):
+                error = exc.args[0] if exc.args else exc
+                raise click.ClickException(f"broker error: {getattr(error, 'str', lambda: error)()}") from None
+            raise
 
 
 @click.group(cls=NbreduceGroup)
@@ -62,3 +73,5 @@ def main(verbose: int) -> None:
     """Notebook-first automatic data reduction: trigger -> broker -> runner -> archive -> hub."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose == 0:  # librdkafka's own connection lines: the command says what matters in one line
+        logging.getLogger("nbreduce.librdkafka").setLevel(logging.CRITICAL)

@@ -7,7 +7,7 @@ import json
 import click
 
 from runner.bus.replay import ReplayError, replay
-from runner.config import Settings
+from runner.cli.common import broker_settings
 
 
 @click.command("replay")
@@ -22,7 +22,7 @@ def replay_command(ids: tuple[str, ...], reason: str | None, topic: str | None, 
                    force: bool, as_json: bool) -> None:
     """Re-send dead letters to their source topic after the cause was fixed (each one once)."""
     try:
-        results = replay(Settings.from_env(), ids, reason=reason, topic=topic, all_letters=all_letters,
+        results = replay(broker_settings(), ids, reason=reason, topic=topic, all_letters=all_letters,
                          dry_run=dry_run, force=force)
     except ReplayError as exc:
         raise click.UsageError(str(exc)) from None

@@ -7,7 +7,7 @@ import threading
 
 import click
 
-from runner.cli.common import install_stop_signals, load_settings, show
+from runner.cli.common import broker_settings, install_stop_signals, load_settings, show
 
 
 @click.command()
@@ -33,7 +33,7 @@ def runners(show_all: bool, as_json: bool) -> None:
     """Live runners: group, environments, running jobs, partitions and warm kernels (from their heartbeats)."""
     from runner.bus.health import RunnerHealth, health_table
 
-    beats = sorted(health_table(load_settings(), RunnerHealth).load().snapshot(), key=lambda h: h.name)
+    beats = sorted(health_table(broker_settings(), RunnerHealth).load().snapshot(), key=lambda h: h.name)
     if not show_all:
         beats = [b for b in beats if b.state != "stopped" and not b.stale()]
 
@@ -42,6 +42,7 @@ def runners(show_all: bool, as_json: bool) -> None:
         warm = ", ".join(f"{k}={v}" for k, v in (h.kernels.get("warm") or {}).items()) or "-"
         return (f"{h.name:28} {state:18} group={h.group} envs={','.join(h.environments or ['all'])} "
                 f"running={len(h.running)}/{h.max_parallel} done={h.jobs_done} warm[{warm}] "
-                f"partitions={len(h.partitions)} seen {h.timestamp:%H:%M:%S}")
+                f"partitions={len(h.partitions)} seen {h.timestamp:%H:%M:%S}"
+                + (f"\n    {h.problem}" if h.problem else ""))
 
     show(beats, as_json, "no live runner (start one with `nbreduce runner`)", line)

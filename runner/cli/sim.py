@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from runner.cli.common import load_settings
+from runner.cli.common import broker_settings, load_settings
 
 
 @click.command()
@@ -18,7 +18,8 @@ def simulate(instrument, count, events, rb, no_publish) -> None:
     from runner.sim.runs import simulate as run_simulation
 
     kwargs = {"events": events} if events else {}
-    messages = run_simulation(load_settings(), instrument.upper(), count, rb_number=rb, publish=not no_publish,
+    settings = load_settings() if no_publish else broker_settings()
+    messages = run_simulation(settings, instrument.upper(), count, rb_number=rb, publish=not no_publish,
                               **kwargs)
     for m in messages:
         click.echo(f"{m.instrument} run {m.run_number} RB{m.rb_number}: {m.data}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from runner.cli.common import install_stop_signals, load_settings, parse_param, show
+from runner.cli.common import broker_settings, install_stop_signals, load_settings, parse_param, show
 
 
 @click.command()
@@ -77,7 +77,7 @@ def multirun_declare(instrument, name, runs_text, template, rb, params) -> None:
         declaration.spec.run_numbers()
     except (ValueError, ValidationError) as exc:
         raise click.ClickException(f"invalid declaration: {exc}") from None
-    declare(load_settings(), declaration)
+    declare(broker_settings(), declaration)
     click.echo(f"declared {declaration.key}: runs {runs[0]}..{runs[-1]} ({len(runs)}) -> template {template}")
 
 
@@ -87,5 +87,5 @@ def triggers(as_json) -> None:
     """Health of the triggers: last heartbeat, last run seen, errors (a stalled watcher shows here)."""
     from runner.triggers import trigger_health
 
-    show(trigger_health(load_settings()), as_json, "no trigger has reported yet",
+    show(trigger_health(broker_settings()), as_json, "no trigger has reported yet",
           lambda r: " ".join(f"{k}={v}" for k, v in r.model_dump(mode="json", exclude_none=True).items()))

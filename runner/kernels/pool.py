@@ -15,6 +15,11 @@ Kernels of nbreduce's uv environments are forked from a per-environment fork ser
 preload once: a refill or a cold start then costs a fork and ipykernel's initialisation instead of an
 interpreter start plus the imports, and still yields a new process per run. Other kernels (the
 runner's ``python3``, conda environments) start normally and run the preload in the kernel.
+
+A replacement starts when a run gives its kernel back, not when it takes it (unless that emptied the
+pool): a kernel start is a burst of CPU, and on a small machine it would slow the very run it replaces.
+Kernels' runtime files (connection files, IPC sockets) live in ``<home>/run`` and go with their kernels;
+files left by a runner that was killed are removed when the next pool of that home starts.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
+import re
 import signal
 import threading
 import time
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 #: IPython writes history to a shared SQLite file by default; parallel kernels would contend for it.
 KERNEL_ARGUMENTS = ["--HistoryManager.hist_file=:memory:"]
 _IPC_PATH_MAX = 90  # AF_UNIX paths are limited to 107 bytes; jupyter appends "-<n>" per channel
+#: Runtime files of a kernel in ``<home>/run``: ``kernel-<pid of the runner>-<id>[.json|-<n>]``.
+_RUNTIME_FILE = re.compile(r"^kernel-(\d+)-[0-9a-f]+(?:\.json|-\d+)?$")
 
 
 class PoolKernelManager(KernelManager):
@@ -67,6 +76,9 @@ class PoolKernelManager(KernelManager):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self._made_clients: list[Any] = []
+        #: A shell-only client kept connected from the start-up check: telling a warm kernel where to work then
+        #: costs one round trip, not a new connection.
+        self.shell_client: Any = None
         #: "warm" when it came out of the pool preloaded, "cold" when started for the request.
         self.origin = "cold"
         #: Read by runner.kernels.provisioner.ForkProvisioner: where to fork from (None: normal launch) and
@@ -85,6 +97,9 @@ class PoolKernelManager(KernelManager):
         return kc
 
     def close_clients(self) -> None:
+        if self.shell_client is not None:
+            self._made_clients.append(self.shell_client)
+            self.shell_client = None
         while self._made_clients:
             kc = self._made_clients.pop()
             with contextlib.suppress(Exception):
@@ -192,13 +207,15 @@ def _client(km: KernelManager) -> Any:
 
 def wait_until_answering(km: KernelManager, timeout: float) -> None:
     """Until the kernel answers ``kernel_info`` (asked again each second: the request is harmless), noticing a
-    kernel that died while starting at once instead of after ``timeout``."""
+    kernel that died while starting at once instead of after ``timeout``. A pool kernel keeps the client."""
     kc = _client(km)
     deadline = time.monotonic() + timeout
+    answered = False
     try:
         while True:
             try:
                 kc.kernel_info(reply=True, timeout=min(1.0, max(0.05, deadline - time.monotonic())))
+                answered = True
                 return
             except TimeoutError:
                 if not kernel_alive(km):
@@ -206,7 +223,10 @@ def wait_until_answering(km: KernelManager, timeout: float) -> None:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"kernel {km.kernel_name} did not reply within {timeout:.0f} s") from None
     finally:
-        kc.stop_channels()
+        if answered and isinstance(km, PoolKernelManager) and km.shell_client is None:
+            km.shell_client = kc
+        else:
+            kc.stop_channels()
 
 
 def _execute(km: KernelManager, code: str, timeout: float, user_expressions: dict[str, str] | None = None
@@ -214,7 +234,8 @@ def _execute(km: KernelManager, code: str, timeout: float, user_expressions: dic
     """Execute ``code`` without history or outputs; returns the reply's content."""
     if not kernel_alive(km):
         raise RuntimeError(describe_exit(kernel_exit_code(km)))
-    kc = _client(km)
+    kept = km.shell_client if isinstance(km, PoolKernelManager) else None
+    kc = kept or _client(km)
     try:
         reply = kc.execute(code, silent=True, store_history=False, allow_stdin=False,
                            user_expressions=user_expressions or {}, reply=True, timeout=timeout)
@@ -223,7 +244,8 @@ def _execute(km: KernelManager, code: str, timeout: float, user_expressions: dic
             raise RuntimeError(describe_exit(kernel_exit_code(km))) from None
         raise TimeoutError(f"kernel {km.kernel_name} did not reply within {timeout:.0f} s") from None
     finally:
-        kc.stop_channels()
+        if kept is None:
+            kc.stop_channels()
     return reply["content"]
 
 
@@ -262,6 +284,34 @@ def shutdown(km: KernelManager) -> None:
     finally:
         with contextlib.suppress(Exception):
             km.cleanup_resources()
+
+
+def remove_stale_runtime_files(run_dir: Path) -> int:
+    """Remove kernels' connection files and IPC sockets left in ``run_dir`` by runners that are gone (killed);
+    returns how many. Files of live runners (several may share a home) are kept."""
+    removed = 0
+    if not run_dir.is_dir():
+        return 0
+    for path in run_dir.iterdir():
+        match = _RUNTIME_FILE.match(path.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d runtime files of kernels whose runner is gone from %s", removed, run_dir)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class KernelPool:
@@ -312,6 +362,7 @@ class KernelPool:
             if self._closed:
                 raise RuntimeError("kernel pool is stopped")
             self._started = True
+        remove_stale_runtime_files(self._run_dir)
         for name in self.sizes:
             self._refill(name)
         return self
@@ -323,7 +374,8 @@ class KernelPool:
             raise FileNotFoundError(f"working directory {cwd} does not exist")
         deadline = time.monotonic() + timeout
         while (km := self._take_warm(kernel_name)) is not None:
-            self._refill(kernel_name)  # the replacement starts while this run goes on
+            if not self._warm_count(kernel_name):  # the pool ran dry: refill now, not after this run
+                self._refill(kernel_name)
             try:
                 if not kernel_alive(km):
                     raise RuntimeError(describe_exit(kernel_exit_code(km)) + " while idle")
@@ -335,9 +387,9 @@ class KernelPool:
                 continue
             self._hand_out(km, warm=True)
             return km
+        self._refill(kernel_name)
         km = self._launch(kernel_name, cwd, max(1.0, deadline - time.monotonic()))
         self._hand_out(km, warm=False)
-        self._refill(kernel_name)
         return km
 
     def release(self, km: KernelManager) -> None:
@@ -413,6 +465,10 @@ class KernelPool:
             queue = self._warm.get(name)
             return queue.popleft() if queue else None
 
+    def _warm_count(self, name: str) -> int:
+        with self._cond:
+            return len(self._warm.get(name, ())) + self._starting[name]
+
     def _hand_out(self, km: PoolKernelManager, warm: bool) -> None:
         km.origin = "warm" if warm else "cold"
         with self._cond:
@@ -423,12 +479,14 @@ class KernelPool:
                 self._stats.cold_starts += 1
 
     def _new_manager(self, name: str) -> PoolKernelManager:
-        ip = self._run_dir / f"kernel-{uuid.uuid4().hex[:12]}"
-        if len(str(ip)) <= _IPC_PATH_MAX:
+        stem = self._run_dir / f"kernel-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        connection_file = str(stem.with_name(stem.name + ".json"))  # with the kernel's other files, not in /tmp
+        if len(str(stem)) <= _IPC_PATH_MAX:
             # IPC sockets: no TCP port races between kernels starting in parallel, no plain-TCP traffic
-            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm, transport="ipc", ip=str(ip))
+            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm, transport="ipc", ip=str(stem),
+                                   connection_file=connection_file)
         else:
-            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm)
+            km = PoolKernelManager(kernel_name=name, kernel_spec_manager=self._ksm, connection_file=connection_file)
         km.fork_servers = self._forks
         km.preload = self.preload.get(name)
         return km
@@ -466,11 +524,13 @@ class KernelPool:
         except Exception as exc:
             self._start_failed(name, exc)
             return
-        if self.preload.get(name) and not km.forked:  # a fork server ran the preload before forking
-            try:
-                _run_silently(km, preload_code(self.preload[name]), self.start_timeout)
-            except Exception as exc:  # still a working kernel; it just saves less time
-                log.warning("preload in %s kernel failed (kernel kept): %s", name, exc)
+        # a fork server ran the preload before forking; any kernel's first execution costs a few milliseconds
+        # more than the next ones (IPython's lazy set-up): spent here, not in the run
+        code = preload_code(self.preload[name]) if self.preload.get(name) and not km.forked else "pass"
+        try:
+            _run_silently(km, code, self.start_timeout)
+        except Exception as exc:  # still a working kernel; it just saves less time
+            log.warning("preload in %s kernel failed (kernel kept): %s", name, exc)
         with self._cond:
             self._starting[name] -= 1
             if not self._closed:

@@ -1,8 +1,9 @@
 """Data files of a run: where they may be, when they are ready, what they say about the run.
 
-A run-stop can arrive before the NeXus file is closed, so the runner waits, bounded and with
-backoff, until the file exists, is stable and opens as HDF5 (the writer holds HDF5's file lock
-while it writes). Some runs are folders (IMAT's FITS image stacks): a folder is ready when it holds
+A run-stop can arrive before the NeXus file is closed, so the runner looks again, bounded and with
+backoff (the run parked on a timer meanwhile, see :mod:`runner.pipeline.consumer`), until the file
+exists, is stable and opens as HDF5 (the writer holds HDF5's file lock while it writes). Some runs
+are folders (IMAT's FITS image stacks): a folder is ready when it holds
 files, none of them a writer's temporary file, and every FITS image in it is whole (FITS files are
 made of 2880-byte records, so a file cut short is caught without reading it). Paths outside the
 configured data roots are refused: a message must never make the runner read arbitrary files.
@@ -11,8 +12,6 @@ configured data roots are refused: a message must never make the runner read arb
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 HDF5_SUFFIXES = {".nxs", ".nxs5", ".h5", ".hdf5", ".hdf", ".nx5"}
@@ -24,10 +23,6 @@ TEMPORARY_SUFFIXES = {".tmp", ".part", ".partial"}
 
 class DataPathError(ValueError):
     """A data path a message named is not acceptable (reason in the message)."""
-
-
-class DataNotReady(TimeoutError):
-    """The data file did not become readable in time."""
 
 
 def check_data_paths(paths: list[str], roots: list[Path]) -> list[Path]:
@@ -85,25 +80,3 @@ def is_ready(path: Path) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"cannot be opened yet ({exc})"
     return True, "ready"
-
-
-def wait_until_ready(paths: list[Path], max_wait: float, stop: threading.Event | None = None,
-                     first_delay: float = 0.2, max_delay: float = 5.0) -> float:
-    """Block until every file is ready; returns seconds waited. Raises :class:`DataNotReady` after ``max_wait``."""
-    start = time.monotonic()
-    delay = first_delay
-    pending = list(paths)
-    while True:
-        pending = [p for p in pending if not is_ready(p)[0]]
-        if not pending:
-            return time.monotonic() - start
-        waited = time.monotonic() - start
-        if waited >= max_wait or (stop is not None and stop.is_set()):
-            reasons = "; ".join(f"{p} {is_ready(p)[1]}" for p in pending)
-            raise DataNotReady(f"data file not readable after {waited:.0f} s: {reasons}")
-        pause = min(delay, max_delay, max_wait - waited)
-        if stop is not None:
-            stop.wait(pause)
-        else:
-            time.sleep(pause)
-        delay *= 2

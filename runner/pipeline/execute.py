@@ -3,6 +3,11 @@
 papermill has per-cell timeouts only; a whole-run limit is enforced here by a watchdog that kills the
 kernel, which nbclient then reports as a dead kernel. A kernel that dies for any other reason (OOM,
 kill) ends the run the same way, with a clear reason instead of a hang.
+
+The executed notebook is written once at the end (papermill's saves during the run are throttled by the
+engine), already stamped with nbreduce's metadata; scraps are read from the notebook in memory. A full or
+read-only archive is raised as the ``OSError`` it is (see :mod:`runner.pipeline.faults`), not turned
+into a failed run.
 """
 
 from __future__ import annotations
@@ -23,9 +28,16 @@ from papermill.exceptions import PapermillExecutionError
 from runner.atomic import write_atomic
 from runner.bus.models import ErrorInfo, JobState, utcnow
 from runner.pipeline.engine import ENGINE_NAME, KernelProvider, kernel_pid, kill_process_tree
-from runner.pipeline.inspection import error_from_notebook, scraps_from_kernel, scraps_summary
+from runner.pipeline.faults import archive_fault
+from runner.pipeline.inspection import (
+    error_from_notebook,
+    glued_payloads,
+    glued_scraps,
+    scraps_from_kernel,
+    scraps_summary,
+)
 from runner.pipeline.progress import RunProgress
-from runner.pipeline.provenance import kernel_record
+from runner.pipeline.provenance import kernel_record, stamp_notebook
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,9 @@ class Execution:
     error: ErrorInfo | None = None
     reason: str | None = None
     scraps: dict[str, Any] = field(default_factory=dict)
+    #: Milliseconds: kernel (acquire), execute (papermill), cells (the notebook's own code, kernel-side),
+    #: scraps, notebook (stamping the executed notebook).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def execute(
@@ -59,8 +74,18 @@ def execute(
     """Run ``template_path`` into ``output_path`` (kept whatever the outcome) in a kernel working in ``cwd``;
     ``progress`` hears of every cell and stream output while it runs (see :mod:`runner.pipeline.progress`)."""
     started = utcnow()
+    clock = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def timed(phase: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[phase] = round((now - clock) * 1000, 2)
+        clock = now
+
     km = kernels.acquire(kernel_name, cwd=cwd)
     kernel_info = kernel_record(km)
+    timed("kernel")
     timed_out = threading.Event()
 
     def kill() -> None:
@@ -75,8 +100,10 @@ def execute(
     watchdog.daemon = True
     watchdog.start()
     state, error, reason = JobState.SUCCEEDED, None, None
+    stamp = {**(metadata or {}), "kernel": kernel_info, "started_at": started.isoformat()}
+    nb = None
     try:
-        papermill.execute_notebook(
+        nb = papermill.execute_notebook(
             str(template_path),
             str(output_path),
             parameters=parameters,
@@ -86,6 +113,7 @@ def execute(
             progress_bar=False,
             request_save_on_cell_execute=True,
             autosave_cell_every=10,
+            nbreduce_metadata=stamp,
             **({"progress": progress, "stdout_file": progress.stdout, "stderr_file": progress.stderr}
                if progress is not None else {}),
         )
@@ -101,27 +129,65 @@ def execute(
             state, reason = JobState.FAILED, f"kernel {kernel_name} died during the run ({type(exc).__name__}: {exc})"
         error = ErrorInfo(ename=type(exc).__name__, evalue=reason)
     except Exception as exc:  # kernel failed to start, notebook unreadable, ...
+        if archive_fault(exc) is not None:  # the archive cannot take the notebook: not the run's failure
+            watchdog.cancel()
+            kernels.release(km)
+            raise
         state, reason = JobState.FAILED, f"execution failed: {type(exc).__name__}: {exc}"
         error = ErrorInfo(ename=type(exc).__name__, evalue=str(exc))
+    timed("execute")
+    if nb is not None:
+        timings["cells"] = cell_time(nb)
     scraps: dict[str, Any] | None = None
     try:
-        if output_path.exists() and not timed_out.is_set():
-            scraps = scraps_from_kernel(km, output_path)
+        if nb is None and output_path.exists():
+            nb = _read(output_path)
+        if nb is not None:
+            payloads = glued_payloads(nb)
+            others = [p for p in payloads if p["encoder"] != "json"]
+            if others and timed_out.is_set():
+                raise RuntimeError("the kernel that glued them was killed")
+            # scraps only scrapbook can decode (text, pandas, ...): in the kernel that glued them
+            scraps = glued_scraps(payloads, scraps_from_kernel(km, others) if others else None)
     except Exception as exc:  # dead kernel, or an environment that cannot read them: read them here
         log.info("scraps not read in the kernel (%s); reading them in the runner", exc)
+        scraps = None
     finally:
         watchdog.cancel()
         kernels.release(km)
     if scraps is None:
         scraps = scraps_summary(output_path) if output_path.exists() else {}
+    timed("scraps")
     finished = utcnow()
-    started_at = started.isoformat()
-    _finalise_notebook(output_path, kernel_name, kernel_info.get("display_name"), state, reason,
-                       {**(metadata or {}), "kernel": kernel_info, "started_at": started_at,
-                        "finished_at": finished.isoformat()})
-    if state is JobState.FAILED and error is not None and error.cell_index is None and output_path.exists():
-        error = error_from_notebook(nbformat.read(output_path, as_version=4)) or error
-    return Execution(state, started, finished, kernel_name, kernel_info, error, reason, scraps)
+    if state is not JobState.SUCCEEDED:  # the engine stamped a succeeded run before papermill wrote it
+        _finalise_notebook(output_path, kernel_name, kernel_info.get("display_name"), state, reason,
+                           {**stamp, "finished_at": finished.isoformat()})
+        if state is JobState.FAILED and error is not None and error.cell_index is None and output_path.exists():
+            error = error_from_notebook(nbformat.read(output_path, as_version=4)) or error
+    timed("notebook")
+    return Execution(state, started, finished, kernel_name, kernel_info, error, reason, scraps, timings)
+
+
+def cell_time(nb: nbformat.NotebookNode) -> float:
+    """Milliseconds the notebook's own code ran, as the kernel timed it (execute_input to execute_reply)."""
+    total = 0.0
+    for cell in nb.cells:
+        times = cell.get("metadata", {}).get("execution", {})
+        begin, end = times.get("iopub.execute_input"), times.get("shell.execute_reply")
+        if begin and end:
+            try:
+                total += (datetime.fromisoformat(end) - datetime.fromisoformat(begin)).total_seconds()
+            except ValueError:
+                continue
+    return round(total * 1000, 2)
+
+
+def _read(path: Path) -> nbformat.NotebookNode | None:
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as exc:  # a notebook cut short by a killed kernel: nothing to read from it
+        log.info("cannot read %s: %s", path, exc)
+        return None
 
 
 def _finalise_notebook(path: Path, kernel_name: str, display_name: str | None, state: JobState,
@@ -137,11 +203,8 @@ def _finalise_notebook(path: Path, kernel_name: str, display_name: str | None, s
             if attempt == 2:
                 return
             time.sleep(0.1)
-    spec = nb.metadata.setdefault("kernelspec", {})
-    spec["name"] = kernel_name
-    if display_name:
-        spec["display_name"] = display_name
-    nb.metadata["nbreduce"] = {**metadata, "state": state.value, **({"reason": reason} if reason else {})}
+    stamp_notebook(nb, kernel_name, display_name, {**metadata, "state": state.value,
+                                                    **({"reason": reason} if reason else {})})
     if state in (JobState.TIMED_OUT,) or (state is JobState.FAILED and reason and "kernel" in reason):
         banner = nbformat.v4.new_markdown_cell(
             f'<span style="color:red; font-size:1.4em">**nbreduce: {state.value}** — {reason}</span>'

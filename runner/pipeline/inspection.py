@@ -1,7 +1,11 @@
 """Read what an executed notebook says: its error, its scraps, its output files.
 
-Scraps are read with scrapbook (papermill's companion), whose mimetype
-``application/scrapbook.scrap.<encoder>+json`` the templates write through ``sb.glue``.
+Scraps are what templates glue with scrapbook (papermill's companion): display outputs of mimetype
+``application/scrapbook.scrap.<encoder>+json``. JSON scraps (numbers, lists, booleans) are the bundle's
+``data``: read straight from the executed notebook's outputs. Scraps of other encoders (``text`` for strings,
+pandas, custom) are decoded by scrapbook, in the kernel that glued them (it imported scrapbook to glue):
+only their payloads go there, no notebook is read again, and nothing happens for a notebook that glued
+nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,35 @@ log = logging.getLogger(__name__)
 
 #: Scrap values larger than this (as JSON) are summarised in status events, never copied whole.
 MAX_SCRAP_BYTES = 2048
+#: scrapbook's mimetype of a scrap: ``application/scrapbook.scrap.<encoder>+json``.
+SCRAP_PREFIX, SCRAP_SUFFIX = "application/scrapbook.scrap.", "+json"
+
+
+def glued_payloads(nb: NotebookNode) -> list[dict[str, Any]]:
+    """The scrap payloads an executed notebook's outputs hold, in the order they were glued."""
+    found = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            for mimetype, payload in (output.get("data") or {}).items():
+                if mimetype.startswith(SCRAP_PREFIX) and mimetype.endswith(SCRAP_SUFFIX) \
+                        and isinstance(payload, dict) and "name" in payload:
+                    encoder = mimetype[len(SCRAP_PREFIX):-len(SCRAP_SUFFIX)]
+                    found.append({**payload, "encoder": payload.get("encoder") or encoder})
+    return found
+
+
+def glued_scraps(payloads: list[dict[str, Any]], decoded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scraps by name (the last glue of a name wins, as in scrapbook): JSON scraps are their payload's ``data``;
+    the others come from ``decoded`` (what scrapbook made of them, see :func:`scraps_from_kernel`)."""
+    found: dict[str, Any] = {}
+    for payload in payloads:
+        name = str(payload["name"])
+        if payload["encoder"] == "json":
+            data = payload.get("data")
+            found[name] = _summary(type(data).__name__, "json", json.dumps(data), None)
+        elif decoded is not None and name in decoded:
+            found[name] = decoded[name]
+    return found
 
 
 def error_from_notebook(nb: NotebookNode) -> ErrorInfo | None:
@@ -39,32 +72,32 @@ def error_from_notebook(nb: NotebookNode) -> ErrorInfo | None:
     return None
 
 
-#: Runs in the finished run's kernel, whose environment has scrapbook when the template glues: the
-#: runner then needs neither scrapbook nor pandas in its own memory.
-_KERNEL_SCRAPS = """
-def _nbreduce_scraps(path):
+#: Runs in the finished run's kernel, which imported scrapbook itself to glue them: scrapbook decodes the payloads
+#: of encoders other than JSON (text, pandas, ...) there, and the runner needs neither scrapbook nor pandas.
+_KERNEL_DECODE = """
+def _nbreduce_decode(payloads):
     import json
-    try:
-        import scrapbook
-    except ImportError:  # an environment without scrapbook has glued nothing
-        return "{}"
+    from scrapbook.encoders import registry
+    from scrapbook.scraps import payload_to_scrap
     found = {}
-    for name, scrap in scrapbook.read_notebook(path).scraps.items():
+    for payload in json.loads(payloads):
+        scrap = registry.decode(payload_to_scrap(payload))
         try:
             text = json.dumps(scrap.data)
         except (TypeError, ValueError):
             text = None
-        found[name] = {"encoder": scrap.encoder, "type": type(scrap.data).__name__, "json": text,
-                       "repr": None if text is not None else repr(scrap.data)[:200]}
+        found[scrap.name] = {"encoder": scrap.encoder, "type": type(scrap.data).__name__, "json": text,
+                             "repr": None if text is not None else repr(scrap.data)[:200]}
     return json.dumps(found)
 """
 
 
-def scraps_from_kernel(km, notebook: Path, timeout: float = 30) -> dict[str, Any]:
-    """Scraps of ``notebook`` read with scrapbook inside the (still running) kernel that produced it."""
+def scraps_from_kernel(km, payloads: list[dict[str, Any]], timeout: float = 30) -> dict[str, Any]:
+    """The payloads of scraps only scrapbook can decode, decoded with scrapbook inside the (still running) kernel
+    that glued them (one round trip: no notebook file is read)."""
     from runner.kernels.pool import evaluate_silently
 
-    raw = evaluate_silently(km, _KERNEL_SCRAPS, f"_nbreduce_scraps({str(notebook)!r})", timeout)
+    raw = evaluate_silently(km, _KERNEL_DECODE, f"_nbreduce_decode({json.dumps(payloads)!r})", timeout)
     found = json.loads(ast.literal_eval(raw))
     return {name: _summary(info["type"], info["encoder"], info["json"], info["repr"]) for name, info in found.items()}
 

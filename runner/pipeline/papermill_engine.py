@@ -6,6 +6,12 @@ process-wide ``os.chdir``, and to serve runs from a warm pool. papermill's own c
 (:class:`PapermillNotebookClient`) still does the work, so parameter injection, error banners and
 per-cell metadata stay papermill's.
 
+papermill saves the output notebook before and after every cell (``request_save_on_cell_execute``): on
+a notebook of a few fast cells those writes (each one validated against the notebook schema) cost more
+than the cells. Here a save during the run happens at most every :data:`SAVE_INTERVAL` seconds, so a
+long run is still visible as it goes and a short one is written once, by papermill's final write, already
+stamped with nbreduce's metadata (``nbreduce_metadata``: the kernel that really ran, provenance).
+
 Registered through papermill's ``papermill.engine`` entry point (pyproject.toml). papermill loads its
 entry points while it is itself being imported, so this module is only ever imported by papermill and
 imports nothing of papermill's package beyond what is defined by then (``engines``, ``clientwrap``).
@@ -14,6 +20,7 @@ imports nothing of papermill's package beyond what is defined by then (``engines
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from queue import Empty
 from typing import Any
 
@@ -22,6 +29,9 @@ from nbclient.util import run_hook
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine
 from papermill.utils import merge_kwargs, remove_args
+
+#: Least time between two saves of the output notebook during a run (the final write always happens).
+SAVE_INTERVAL = 1.0
 
 
 class _ReadyClient(PapermillNotebookClient):
@@ -35,7 +45,8 @@ class _ReadyClient(PapermillNotebookClient):
     async def async_start_new_kernel_client(self):
         assert self.km is not None
         self.kc = self.km.client()
-        await ensure_async(self.kc.start_channels())
+        # shell and IOPub are all a run uses (no stdin; liveness is the manager's, not a heartbeat thread's)
+        await ensure_async(self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False))
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             msg_id = self.kc.kernel_info()
@@ -49,9 +60,9 @@ class _ReadyClient(PapermillNotebookClient):
                 except Empty:
                     continue  # IOPub not subscribed yet (zmq slow joiner): ask again
                 self.kc._handle_kernel_info_reply(reply)
-                while True:  # drop the handshake's remaining IOPub messages
+                while True:  # drop the handshake's remaining IOPub messages (the rest arrive before any output)
                     try:
-                        await ensure_async(self.kc.iopub_channel.get_msg(timeout=0.02))
+                        await ensure_async(self.kc.iopub_channel.get_msg(timeout=0))
                     except Empty:
                         break
                 self.kc.allow_stdin = False
@@ -81,7 +92,8 @@ class ProvidedKernelEngine(NBClientEngine):
 
     @classmethod
     def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
-                                 start_timeout=60, execution_timeout=None, **kwargs: Any):
+                                 start_timeout=60, execution_timeout=None, nbreduce_metadata=None, **kwargs: Any):
+        _throttle_saves(nb_man)
         progress = kwargs.pop("progress", None)
         kwargs = remove_args(["input_path"], **kwargs)
         safe_kwargs = remove_args(["timeout", "startup_timeout"], **kwargs)
@@ -98,8 +110,30 @@ class ProvidedKernelEngine(NBClientEngine):
         if progress is not None:
             client.watch(progress)
         try:
-            return client.execute(cleanup_kc=False)
+            nb = client.execute(cleanup_kc=False)
         finally:
             if client.kc is not None:
                 client.kc.stop_channels()
+        if nbreduce_metadata is not None:  # papermill's final write then carries it: no second write
+            from runner.pipeline.provenance import stamp_notebook
+
+            kernel = nbreduce_metadata.get("kernel", {})
+            stamp_notebook(nb_man.nb, kernel.get("kernel") or kernel_name, kernel.get("display_name"),
+                           {**nbreduce_metadata, "finished_at": datetime.now(UTC).isoformat(), "state": "succeeded"})
+        return nb
+
+
+def _throttle_saves(nb_man: Any) -> None:
+    """Let papermill's per-cell saves through at most every :data:`SAVE_INTERVAL` seconds."""
+    save = nb_man.save
+    last = time.monotonic()
+
+    def throttled(**kwargs: Any) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= SAVE_INTERVAL:
+            last = now
+            save(**kwargs)
+
+    nb_man.save = throttled
 

@@ -18,9 +18,9 @@ def submit_request(settings: Settings, publisher: Publisher | None = None, **fie
     """Validate and publish one request; returns its job id."""
     request = ReductionRequest(**fields)
     own = publisher is None
-    publisher = publisher or Publisher(settings)
+    publisher = publisher or Publisher(settings, timeout=settings.broker.timeout_seconds)
     try:
-        publisher.publish(REDUCTION_REQUESTS, request, key=request.instrument)
+        publisher.publish(REDUCTION_REQUESTS, request, key=request.message_id)  # spread over the runners
     finally:
         if own:
             publisher.close()

@@ -469,7 +469,7 @@ class RerunHandler(BaseHandler):
         same_env = self.get_body_argument("same_environment", None) is not None
         request = self.portal.rerun_request(job, overrides, self.username,
                                             job.environment_hash if same_env else None)
-        await self.portal.publish([(REDUCTION_REQUESTS, request, job.instrument or "")])
+        await self.portal.publish([(REDUCTION_REQUESTS, request, request.message_id)])
         log.info("%s requested a rerun of %s (%s)", self.username, job.job_id, request.message_id)
         self.redirect(self.url(f"jobs/{job.job_id}", requested=request.message_id))
 
@@ -517,7 +517,7 @@ class BatchRerunHandler(BaseHandler):
             return
         requests = [self.portal.rerun_request(run.latest, {**carried_parameters(run.latest, fields), **values},
                                               self.username) for run in runs]
-        await self.portal.publish([(REDUCTION_REQUESTS, r, r.instrument) for r in requests])
+        await self.portal.publish([(REDUCTION_REQUESTS, r, r.message_id) for r in requests])
         log.info("%s requested a batch rerun of %d runs of %s", self.username, len(requests), flt.instrument)
         self.redirect(self.url("", instrument=flt.instrument, run_from=flt.run_from, run_to=flt.run_to,
                                batch=len(requests)))

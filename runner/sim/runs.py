@@ -136,7 +136,7 @@ def simulate(settings: Settings, instrument: str, runs: int, events: int = DEFAU
             message = RunCompletion(message_id=new_id(), instrument=config.name, run_number=number, rb_number=rb,
                                     data=str(path), run_title=title, facility="ISIS", started_by=0)
             if publisher:
-                publisher.publish(RUN_COMPLETIONS, message, key=config.name)
+                publisher.publish(RUN_COMPLETIONS, message, key=message.message_id)  # spread over the runners
             log.info("simulated %s run %d (%d events): %s", config.name, number, events, path)
             messages.append(message)
     finally:

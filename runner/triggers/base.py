@@ -114,8 +114,10 @@ class Trigger(ABC):
         return self._publisher
 
     def emit(self, completion: RunCompletion) -> None:
-        """Publish a completion for the runner, keyed by instrument (one instrument's runs stay in order)."""
-        self.publisher.publish(RUN_COMPLETIONS, completion, key=completion.instrument)
+        """Publish a completion for the runners, keyed by its message id: one instrument's runs spread over the
+        partitions, so every runner of the group shares them (runs need no order among themselves; multi-run
+        jobs have their own trigger), and a re-emitted completion lands where its first copy did."""
+        self.publisher.publish(RUN_COMPLETIONS, completion, key=completion.message_id or completion.instrument)
         self.health.published += 1
         for run in completion.runs:
             self.seen(completion.instrument, run)

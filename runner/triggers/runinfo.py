@@ -4,6 +4,11 @@ A run is complete when its stop arrives; the stop says little (its ``run_name`` 
 default), so it is matched to its start by ``job_id`` and everything else comes from the start. Starts
 waiting for their stop are kept in the trigger-state topic, so a restart between start and stop loses
 nothing. ``wrdn`` (file writing done) completes a run the same way when it comes first.
+
+The trigger subscribes to every ``<INST>_runInfo`` topic by pattern. A pattern only sees topics that exist
+at a metadata refresh, so at start it creates the run-control topic of every instrument with a template
+(a run start on a topic created later by the instrument was once seen only minutes after it was sent),
+and it refreshes metadata every few seconds for instruments added while it runs.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from confluent_kafka import Message
+from confluent_kafka import KafkaException, Message
+from confluent_kafka.admin import NewTopic
 from pydantic import Field, ValidationError
 from streaming_data_types.finished_writing_wrdn import WritingFinished, deserialise_wrdn
 from streaming_data_types.run_start_pl72 import RunStartInfo, deserialise_pl72
 from streaming_data_types.run_stop_6s4t import RunStopInfo, deserialise_6s4t
 from streaming_data_types.utils import get_schema
 
-from runner.bus.clients import Publisher
+from runner.bus.clients import Publisher, admin
 from runner.bus.models import RunCompletion, TriggerRef, WireModel, utcnow
 from runner.config import Settings
 from runner.isis.layout import experiment_number, find_data_file, instrument_config, valid_rb
+from runner.templates.registry import TemplateRegistry
 from runner.triggers.base import ConsumerTrigger, describe, message_time, stable_id
 
 log = logging.getLogger(__name__)
@@ -37,6 +44,34 @@ STATE_PREFIX = "runinfo:"
 #: Keys of the start's ``metadata`` JSON that may carry the experiment (RB) number or the title.
 RB_KEYS = ("rb_number", "rbnumber", "rb", "experiment_identifier", "experiment_id")
 TITLE_KEYS = ("run_title", "title")
+#: How often the pattern subscription looks for run-control topics created after the start.
+METADATA_REFRESH_MS = 5000
+
+
+def runinfo_topic(instrument: str) -> str:
+    return f"{instrument}_runInfo"
+
+
+def ensure_runinfo_topics(settings: Settings, topics: Sequence[str]) -> list[str]:
+    """Create the run-control topics that do not exist yet (one partition, the broker's own retention: they
+    belong to the facility); returns the names created."""
+    client = admin(settings)
+    existing = set(client.list_topics(timeout=settings.broker.timeout_seconds).topics)
+    missing = [name for name in topics if name not in existing]
+    if not missing:
+        return []
+    created = []
+    futures = client.create_topics([NewTopic(name, num_partitions=1,
+                                             replication_factor=settings.broker.replication_factor)
+                                    for name in missing], request_timeout=settings.broker.timeout_seconds)
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:  # created meanwhile by the instrument or another trigger: fine
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+    return created
 
 
 class RunStartState(WireModel):
@@ -91,13 +126,24 @@ class RunInfoTrigger(ConsumerTrigger):
 
     def __init__(self, settings: Settings, *, topics: Sequence[str] | None = None, group: str | None = None,
                  name: str | None = None, publisher: Publisher | None = None):
-        # new instruments' topics are picked up by the regex at the next metadata refresh
+        # new instruments' topics are picked up by the pattern at the next metadata refresh
         super().__init__(settings, topics=topics or settings.triggers.runinfo_topics or [RUNINFO_PATTERN], group=group,
-                         name=name,
-                         publisher=publisher, **{"topic.metadata.refresh.interval.ms": 30000})
+                         name=name, publisher=publisher,
+                         **{"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS})
         self.starts: dict[str, RunStartState] = {}
 
+    def known_topics(self) -> list[str]:
+        """The run-control topics to exist before subscribing: the configured ones, else every instrument's."""
+        named = [t for t in self.topics if not t.startswith("^")]
+        if named:
+            return named
+        return [runinfo_topic(i) for i in TemplateRegistry(self.settings.notebooks).instruments()
+                if re.match(RUNINFO_PATTERN, runinfo_topic(i))]
+
     def start(self) -> None:
+        created = ensure_runinfo_topics(self.settings, self.known_topics())
+        if created:
+            log.info("%s: created run-control topics %s", self.name, ", ".join(created))
         self.starts = self.load_state(STATE_PREFIX, RunStartState)
         log.info("%s: %d run starts waiting for their stop",
                  self.name, sum(s.status == "pending" for s in self.starts.values()))
