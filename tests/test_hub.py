@@ -78,7 +78,7 @@ def wait_http(url: str, timeout: float = 90) -> None:
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[Hub]:
+def hub(request: pytest.FixtureRequest) -> Iterator[Hub]:
     # as root, users' servers run as their own accounts: the home must be reachable by them (pytest's temporary
     # folders are private to root), and kernels need an interpreter every account can run
     top = Path(tempfile.mkdtemp(prefix="nbreduce-hub-", dir="/tmp"))
@@ -118,7 +118,7 @@ def hub() -> Iterator[Hub]:
             stop_hub(proc)
             broker.stop()
             ARTIFACTS.mkdir(exist_ok=True)  # the hub's log, for when a test failed
-            shutil.copy(log, ARTIFACTS / "hub.log")
+            shutil.copy(log, ARTIFACTS / f"hub-{request.module.__name__.rsplit('.', 1)[-1]}.log")
             shutil.rmtree(top, ignore_errors=True)
 
 

@@ -189,7 +189,7 @@ def test_scientists_loop_working_copy_on_the_instrument_kernel(browser, hub: Hub
     lab = opened.value
     copy = "work/LOOP/RB1920001/77/v1/LOOP_77.ipynb"
     lab.wait_for_url(re.compile(f".*/user/alice/lab/tree/{re.escape(copy)}"), timeout=180_000)
-    lab.wait_for_selector(".jp-Notebook", timeout=120_000)
+    notebook_shown(lab, artifacts, "loop-working-copy")
     run_all(lab, "LOOP_77.ipynb")
     assert "nbreduce minimal (build" in lab.inner_text("#jp-main-statusbar")  # the build that produced the version
     text = wait_for_output(lab, r"^reduced run 77 into \S+/work/LOOP/RB1920001/77/v1")
@@ -208,7 +208,7 @@ def test_scientists_loop_working_copy_on_the_instrument_kernel(browser, hub: Hub
                          json={"type": "notebook", "format": "json", "content": probe})
     assert reply.status_code in (200, 201), reply.text
     lab.goto(f"{hub.url}/user/alice/lab/tree/work/probe.ipynb")
-    lab.wait_for_selector(".jp-Notebook", timeout=120_000)
+    notebook_shown(lab, artifacts, "loop-probe")
     run_all(lab, "probe.ipynb")
     text = wait_for_output(lab, r"^uid \d+")
     lab.screenshot(path=str(artifacts / "loop-kernel-denied.png"), full_page=True)
@@ -217,6 +217,15 @@ def test_scientists_loop_working_copy_on_the_instrument_kernel(browser, hub: Hub
     home = Path(pwd.getpwnam("alice").pw_dir)
     assert (home / "work/LOOP/RB1920001/77/v1/result.txt").read_text() == "77 140.0"
     assert verify(settings.archive).problems == [], "the archive changed"
+
+
+def notebook_shown(lab, artifacts: Path, name: str) -> None:
+    """Wait for JupyterLab to show a notebook; if it never does, keep what the page showed instead."""
+    try:
+        lab.wait_for_selector(".jp-Notebook", timeout=180_000)
+    except playwright_sync.TimeoutError:
+        lab.screenshot(path=str(artifacts / f"{name}-not-shown.png"), full_page=True)
+        raise AssertionError(f"no notebook shown at {lab.url}: {lab.inner_text('body')[-2000:]}") from None
 
 
 def run_all(lab, name: str) -> None:
