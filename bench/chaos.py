@@ -257,7 +257,9 @@ class Platform:
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"runners {sorted(wanted - beats.keys())} not ready; partitions held {held}")
+                    seen = {b.name: (b.state, b.problem) for b in self.health.snapshot() if b.name in wanted}
+                    raise TimeoutError(f"runners {sorted(wanted - beats.keys())} not ready; partitions held {held}; "
+                                       f"their last heartbeats (state, problem): {seen}")
                 self._lock.wait(min(left, 0.5))
 
     # -- the broker ---------------------------------------------------------------------------
