@@ -217,6 +217,16 @@ def jobs() -> list[dict[str, Any]]:
     return json.loads(nbreduce("runs", "--json", "--limit", "1000"))
 
 
+def jobs_once_the_broker_answers() -> dict[str, str] | None:
+    """Job states, or None while the broker is still coming back (the CLI says so in one line within seconds)."""
+    result = podman("exec", SIMULATOR, "nbreduce", "runs", "--json", "--limit", "1000", check=False, timeout=120)
+    if result.returncode != 0 and "did not answer" in result.stderr:
+        return None
+    if result.returncode != 0:
+        pytest.fail(f"nbreduce runs failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return {j["job_id"]: j["state"] for j in json.loads(result.stdout)}
+
+
 def pod_of(runner: str | None) -> str:
     """Runner identities are ``<hostname>:<pid>``; a pod's hostname is its name."""
     return (runner or "").split(":", 1)[0]
@@ -414,7 +424,7 @@ def test_the_broker_keeps_everything_on_its_volume(deployment: Deployment) -> No
     assert len(before) == len(INSTRUMENTS) + 1
     start = time.monotonic()
     podman("pod", "restart", "nbreduce-broker", timeout=120)
-    after = wait_for("the restarted broker to serve the job history", lambda: {j["job_id"]: j["state"] for j in jobs()})
+    after = wait_for("the restarted broker to serve the job history", jobs_once_the_broker_answers)
     deployment.timings["broker restart to job history served"] = round(time.monotonic() - start, 1)
     assert after == before
     # the runners reconnect by themselves and nothing is reduced a second time
