@@ -37,7 +37,7 @@ lint: setup
 	$(BIN)/ruff check runner tests bench deploy
 
 test: setup browser system lint
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider --durations=30
 	# templates run in their environments' kernels (their notebooks name them): build every environment first
 	$(BIN)/nbreduce env build --all
 	JUPYTER_PATH=$(NBREDUCE_HOME)/jupyter $(BIN)/pytest -p no:cacheprovider --nbval-lax notebooks/

@@ -258,8 +258,11 @@ class Platform:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     seen = {b.name: (b.state, b.problem) for b in self.health.snapshot() if b.name in wanted}
+                    late = [n for n in names if self.runner_name(n) not in beats]
+                    tails = "\n".join(f"--- {n} ({'alive' if self.alive(n) else 'exited'}), last log lines:\n"
+                                      f"{self.log_tail(n)}" for n in late)
                     raise TimeoutError(f"runners {sorted(wanted - beats.keys())} not ready; partitions held {held}; "
-                                       f"their last heartbeats (state, problem): {seen}")
+                                       f"their last heartbeats (state, problem): {seen}\n{tails}")
                 self._lock.wait(min(left, 0.5))
 
     # -- the broker ---------------------------------------------------------------------------
@@ -379,6 +382,10 @@ class Platform:
     def runtime_files(self) -> int:
         run_dir = self.settings.run_dir
         return sum(1 for p in run_dir.glob("kernel-*")) if run_dir.is_dir() else 0
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
 
     def log_lines(self, name: str, needle: str) -> int:
         path = self.logs / f"{name}.log"

@@ -71,6 +71,13 @@ class BrokerSettings(BaseModel):
     #: Longest wait of a consumer's fetch for new data (ms); unset: 10 on the embedded broker with memory
     #: storage, 100 otherwise (Tansu on S3 answers shorter waits with no data; Redpanda answers at once anyway).
     fetch_wait_ms: int | None = Field(None, ge=1, le=500)
+    #: Idempotent producers (the broker drops a record a retry wrote twice); unset: on, except with the embedded
+    #: broker. Tansu hands one producer id to every producer that asks at the same moment (measured: 3 producers
+    #: started together all got id 1, on memory and S3 storage), and producers sharing an id fence each other and
+    #: lose records; so set ``false`` wherever the broker is Tansu. Without it, one request is in flight per
+    #: connection (order kept on retry) and a retried record may be written twice: readers are idempotent (records
+    #: are keyed by message or job id and folded, a job's id comes from its message, so a duplicate changes nothing).
+    idempotence: bool | None = None
 
     @field_validator("kafka", mode="before")
     @classmethod
@@ -297,6 +304,12 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """Runtime files of this home's processes (kernel connection files, sockets)."""
         return self.home / "run"
+
+    def idempotent_producers(self) -> bool:
+        """``broker.idempotence``, or whether the broker is not the embedded one (see there)."""
+        if self.broker.idempotence is not None:
+            return self.broker.idempotence
+        return bool(self.broker.bootstrap_servers)
 
     def bootstrap(self) -> str:
         """The broker to talk to: explicit setting first, else the embedded broker of this home."""

@@ -21,6 +21,7 @@ from confluent_kafka import KafkaError, KafkaException
 from pipeline_support import running_platform
 
 from runner.bus.clients import Publisher, broker_trouble, read_topic
+from runner.bus.embedded import EmbeddedBroker
 from runner.bus.models import (
     MAX_MESSAGE_BYTES,
     MAX_ORIGINAL_BYTES,
@@ -310,3 +311,47 @@ def test_a_producer_the_broker_fenced_is_replaced(broker: Settings) -> None:
     assert not isinstance(publisher._producer, FencedProducer)
     publisher.publish(REDUCTION_STATUS, event, key=event.job_id)  # the new producer delivers
     assert [StatusEvent.from_bytes(m.value()).job_id for m in read_topic(broker, REDUCTION_STATUS)] == ["fenced"]
+
+
+def test_producers_are_idempotent_except_on_the_embedded_broker(home: Path) -> None:
+    assert not Settings.from_env().idempotent_producers()  # the embedded Tansu broker of this home
+    assert Settings.from_env({"NBREDUCE_BROKER__BOOTSTRAP_SERVERS": "redpanda:9092"}).idempotent_producers()
+    assert not Settings.from_env({"NBREDUCE_BROKER__BOOTSTRAP_SERVERS": "tansu:9092",
+                                  "NBREDUCE_BROKER__IDEMPOTENCE": "false"}).idempotent_producers()
+    assert Settings.from_env({"NBREDUCE_BROKER__IDEMPOTENCE": "true"}).idempotent_producers()
+
+
+@pytest.mark.broker
+def test_publishers_that_start_together_deliver_every_record_in_order(settings: Settings,
+                                                                      durable_broker: EmbeddedBroker) -> None:
+    """Two runners started together lost every heartbeat and status of one of them: Tansu gave their idempotent
+    producers one producer id and, on S3 storage, they fenced each other (measured: 3 idempotent producers
+    started together, records refused in 24 of 34 rounds; on memory storage the ids are shared unchecked)."""
+    import threading
+
+    broker = settings
+
+    def publish(name: str, errors: list[str]) -> None:
+        publisher = Publisher(broker, timeout=20)
+        replace = publisher._replace
+        publisher._replace = lambda *a: (errors.append(f"{name}: producer replaced"), replace(*a))  # type: ignore
+        for n in range(5):
+            try:
+                publisher.publish(REDUCTION_STATUS, StatusEvent(job_id=f"{name}-{n}", state=JobState.QUEUED),
+                                  key="one partition")
+            except KafkaException as exc:
+                errors.append(f"{name}-{n}: {exc}")
+        publisher.close()
+
+    for round_ in range(3):
+        errors: list[str] = []
+        names = [f"r{round_}p{p}" for p in range(3)]
+        threads = [threading.Thread(target=publish, args=(name, errors)) for name in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+    got = [StatusEvent.from_bytes(m.value()).job_id for m in read_topic(broker, REDUCTION_STATUS)]
+    for name in (f"r{r}p{p}" for r in range(3) for p in range(3)):
+        assert [j for j in got if j.startswith(f"{name}-")] == [f"{name}-{n}" for n in range(5)]
