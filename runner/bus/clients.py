@@ -53,6 +53,8 @@ PRODUCER_LOST = {KafkaError._FATAL, KafkaError.PRODUCER_FENCED, KafkaError.INVAL
 #: What Tansu on S3 storage answers a write to a partition another producer wrote at the same moment (measured:
 #: 3 producers writing one partition together, a third of their records); the record was not written.
 WRITE_CONFLICT = KafkaError.UNKNOWN
+#: Writes of a record refused in write conflicts by :meth:`Publisher.send` before it reports the conflict.
+WRITE_ATTEMPTS = 10
 
 
 def producer_lost(err: KafkaError) -> bool:
@@ -293,21 +295,34 @@ class Publisher:
     def send(self, topic: str, message: WireModel, key: str | bytes | None = None,
              on_delivery: Callable[[KafkaError | None], None] | None = None) -> None:
         """Publish without waiting for the acknowledgement (heartbeats, a job's non-final states: the next one
-        supersedes a lost one). ``on_delivery`` is called with the outcome, from whichever thread polls."""
+        supersedes a lost one). ``on_delivery`` is called with the outcome, from whichever thread polls; a
+        :data:`WRITE_CONFLICT` is written again (a few times) before it counts."""
+        value = encode(message)
+        tries = itertools.count(2)
 
         def delivered(err: KafkaError | None) -> None:
+            if err is not None and err.code() == WRITE_CONFLICT and next(tries) <= WRITE_ATTEMPTS:
+                hand_over()  # another writer won this partition's write: write again
+                return
             if err is not None:
                 log.debug("%s: not delivered: %s", topic, err)
             if on_delivery is not None:
                 on_delivery(err)
 
-        try:
-            client = self._produce(topic, encode(message), key, delivered)
-        except BufferError:  # the broker has been away long enough to fill the queue: not sent
-            log.debug("%s: producer queue full, not sent", topic)
-            delivered(KafkaError(KafkaError._QUEUE_FULL, f"{topic}: producer queue full"))
-            return
-        client.poll(0)
+        def hand_over(again: bool = True) -> Producer | None:
+            try:
+                return self._produce(topic, value, key, delivered)
+            except BufferError:  # the broker has been away long enough to fill the queue: not sent
+                delivered(KafkaError(KafkaError._QUEUE_FULL, f"{topic}: producer queue full"))
+            except KafkaException as exc:
+                if not again:
+                    raise  # refused at once: the caller's problem, as the record's
+                delivered(exc.args[0] if exc.args else KafkaError(KafkaError._FAIL, str(exc)))
+            return None
+
+        client = hand_over(again=False)
+        if client is not None:
+            client.poll(0)
 
     def poll(self, timeout: float = 0) -> None:
         """Serve delivery reports of :meth:`send` (the runner's loop calls this)."""
