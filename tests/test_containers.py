@@ -163,8 +163,20 @@ class Deployment:
             "networks": names("network", "ls", "--format", "{{.Name}}") & {NETWORK},
         }
 
+    def save_logs(self) -> None:
+        """Every container's log, with its state and restart count, in test-artifacts/deploy-logs (kept after down)."""
+        folder = ARTIFACTS / "deploy-logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        for container in sorted(self.leftovers()["containers"]):
+            state = podman("inspect", container, "--format", "{{.State.Status}} exit {{.State.ExitCode}} "
+                           "restarts {{.RestartCount}}", check=False).stdout.strip()
+            logs = podman("logs", "--timestamps", container, check=False, timeout=60)
+            (folder / f"{container}.log").write_text(f"# {container}: {state}\n{logs.stdout}{logs.stderr}")
+
     def down(self) -> None:
         """`kube down`, then what podman 4.3's kube down keeps: volumes, secrets (ours only), the network."""
+        if self.leftovers()["containers"]:
+            self.save_logs()
         start = time.monotonic()
         podman("kube", "down", str(self.manifest), check=False, timeout=600)
         left = self.leftovers()
@@ -213,18 +225,30 @@ def live_runners() -> list[dict[str, Any]]:
     return [r for r in json.loads(nbreduce("runners", "--json")) if r["group"] == GROUP]
 
 
-def jobs() -> list[dict[str, Any]]:
-    return json.loads(nbreduce("runs", "--json", "--limit", "1000"))
-
-
-def jobs_once_the_broker_answers() -> dict[str, str] | None:
-    """Job states, or None while the broker is still coming back (the CLI says so in one line within seconds)."""
+def runs_once_the_broker_answers() -> list[dict[str, Any]] | None:
+    """The jobs, or None while the broker does not answer (the CLI says so in one line within seconds)."""
     result = podman("exec", SIMULATOR, "nbreduce", "runs", "--json", "--limit", "1000", check=False, timeout=120)
     if result.returncode != 0 and "did not answer" in result.stderr:
+        print(f"nbreduce runs: {result.stderr.strip()}; asking again")  # shown with a failure; pod logs are kept
         return None
     if result.returncode != 0:
         pytest.fail(f"nbreduce runs failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return {j["job_id"]: j["state"] for j in json.loads(result.stdout)}
+    return json.loads(result.stdout)
+
+
+def jobs(timeout: float = 60) -> list[dict[str, Any]]:
+    """The jobs as ``nbreduce runs`` shows them, once the broker answers (a busy broker may miss the CLI's 5 s)."""
+    def answered() -> tuple[list[dict[str, Any]]] | None:
+        found = runs_once_the_broker_answers()
+        return None if found is None else (found,)
+
+    return wait_for("the broker to answer nbreduce runs", answered, timeout)[0]
+
+
+def jobs_once_the_broker_answers() -> dict[str, str] | None:
+    """Job states, or None while the broker is still coming back."""
+    found = runs_once_the_broker_answers()
+    return None if found is None else {j["job_id"]: j["state"] for j in found}
 
 
 def pod_of(runner: str | None) -> str:
