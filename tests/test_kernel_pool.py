@@ -187,7 +187,7 @@ def test_a_killed_kernel_is_reaped_without_waiting_a_poll_interval(built: Settin
     for km in kms:
         shutdown(km)
         assert not kernel_alive(km)
-    assert sum(slept) < 0.1 * len(kms), slept
+    assert slept and min(slept) < 0.005 and max(slept) <= 0.1, slept  # at once first, never longer than before
     pool.stop()
 
 
