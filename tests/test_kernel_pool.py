@@ -6,6 +6,7 @@ on it, leave it running (the pool kills it on release) and keep papermill's own 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -36,6 +37,7 @@ from runner.kernels.pool import (
     kernel_provenance,
     parse_sizes,
     preload_code,
+    shutdown,
 )
 
 READY = 120  # generous upper bounds on waits, never asserted as timings
@@ -165,6 +167,28 @@ def test_warm_kernel_that_died_while_idle_is_not_handed_out(built: Settings, tmp
         assert km is not idle and kernel_alive(km)
         assert pool.stats().discarded == 1
         pool.release(km)
+
+
+def test_a_killed_kernel_is_reaped_without_waiting_a_poll_interval(built: Settings, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """jupyter_client looks whether a killed kernel is gone every 0.1 s: the pool's one reaper thread then stops at
+    most ~9 kernels a second, and a burst of short runs leaves kernels running behind it (the soak: 160 after 600
+    runs, each with its sockets, threads and memory in the runner). The pool looks again at once."""
+    pool = KernelPool(built)
+    kms = [pool.acquire("python3", cwd=tmp_path) for _ in range(3)]
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, *args, **kwargs):
+        slept.append(delay)
+        return await real_sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    for km in kms:
+        shutdown(km)
+        assert not kernel_alive(km)
+    assert slept and min(slept) < 0.005 and max(slept) <= 0.1, slept  # at once first, never longer than before
+    pool.stop()
 
 
 def test_stop_kills_warm_kernels(built: Settings) -> None:

@@ -96,6 +96,16 @@ class PoolKernelManager(KernelManager):
         self._made_clients.append(kc)
         return kc
 
+    async def _async_wait(self, pollinterval: float = 0.1) -> None:
+        """Until the (killed) kernel is gone. jupyter_client looks every ``pollinterval`` (0.1 s), so each kernel
+        the pool's single reaper stops costs at least that: ~9 kernels a second, fewer than a burst of short runs
+        hands back, and the kernels behind it (with their sockets, threads and memory in the runner) pile up.
+        A killed kernel is gone within milliseconds: look at once, then at growing intervals up to that."""
+        delay = 0.001
+        while await self._async_is_alive():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, pollinterval)
+
     def close_clients(self) -> None:
         if self.shell_client is not None:
             self._made_clients.append(self.shell_client)
