@@ -6,8 +6,8 @@ hangs for minutes on the embedded broker, so long reductions run off the polling
 Broker outages are survived, not reported as failures of the work: every client reconnects by itself,
 :func:`broker_trouble` tells an outage (retry as long as it takes) from a record the broker will never
 take (a poison: handled once), producers have a bounded delivery time (and are idempotent where the broker
-hands out producer ids correctly), and librdkafka's
-connection noise is rate-limited (one line per kind of problem and 30 s, with the count of the rest).
+hands out producer ids correctly), and librdkafka's connection noise is rate-limited (one line per kind of
+problem and 30 s, with the count of the rest).
 """
 
 from __future__ import annotations
