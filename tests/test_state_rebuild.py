@@ -12,8 +12,8 @@ import pytest
 
 from runner.bus.clients import Publisher
 from runner.bus.embedded import EmbeddedBroker
-from runner.bus.models import JobState, StatusEvent
-from runner.bus.status import StatusView
+from runner.bus.models import JobState, StatusEvent, TriggerRef
+from runner.bus.status import JobMemo, JobMemos, StatusView
 from runner.bus.topics import REDUCTION_STATUS
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -65,6 +65,8 @@ def test_status_survives_a_durable_broker_restart(durable_broker: EmbeddedBroker
     assert view.jobs["job03"].state == JobState.SUCCEEDED  # "running" published after it lost
     assert view.jobs["job04"].state == JobState.SUCCEEDED  # never "queued" again once finished
     assert view.jobs["job05"].state == JobState.FAILED
+    memos = JobMemos.rebuild(settings)  # the runner's view folds the same, into memos
+    assert memos.jobs == {job_id: JobMemo.of(expected(events)) for job_id, events in jobs.items()}
 
     # a new process of the same home finds the restarted broker and shows the same state
     out = subprocess.run([sys.executable, "-m", "runner.cli", "runs", "--json", "--limit", "100"],
@@ -74,3 +76,21 @@ def test_status_survives_a_durable_broker_restart(durable_broker: EmbeddedBroker
     assert {job_id: row["state"] for job_id, row in listed.items()} == {
         job_id: expected(events).state.value for job_id, events in jobs.items()}
     assert listed["job10"]["finished_at"].startswith("2026-03-01T10:41")
+
+
+def test_the_runner_remembers_a_memo_per_job_folded_like_the_events(settings) -> None:
+    """A runner knows every job of the status topic for months: it keeps what it reads of each (state, when, the
+    message's digest, the run), folded by the same rule as whole events."""
+    memos, view = JobMemos(settings), StatusView(settings)
+    jobs = {f"job{j:02d}": history(j) for j in range(1, 25)}
+    for events in jobs.values():
+        for event in events:
+            event = event.model_copy(update={"trigger": TriggerRef(topic="t", partition=0, offset=1, digest="d" * 64),
+                                             "scraps": {"counts": list(range(100))}})
+            memos.put(event)
+            view.put(event)
+    assert memos.jobs == {job_id: JobMemo.of(event) for job_id, event in view.jobs.items()}
+    assert all(type(memo) is JobMemo for memo in memos.jobs.values())
+    memo = memos.get("job04")
+    assert memo is not None and memo.state is JobState.SUCCEEDED and memo.digest == "d" * 64
+    assert (memo.instrument, memo.run_number) == ("WISH", 25004)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import BaseModel, ValidationError
@@ -39,12 +39,14 @@ class TopicTable(Generic[M]):
     ``prefix`` keeps only records whose key starts with it (several tables share the trigger-state topic)
     and strips it from the table's keys; ``where`` keeps only values it accepts. ``newer(new, old)`` decides
     whether a value replaces the one held (default: always, i.e. log order), e.g. a job's final state is
-    never replaced by an older, non-final one.
+    never replaced by an older, non-final one. ``keep`` turns a value into what the table holds (default: the
+    value), for a long-lived reader that needs a few fields of each of many values: it must keep what ``newer``
+    reads.
     """
 
     def __init__(self, settings: Settings, topic: str, model: type[M], *, key: Callable[[M], str] | None = None,
                  prefix: str = "", newer: Callable[[M, M], bool] | None = None,
-                 where: Callable[[M], bool] | None = None):
+                 where: Callable[[M], bool] | None = None, keep: Callable[[M], Any] | None = None):
         self.settings = settings
         self.topic = topic
         self.model = model
@@ -52,6 +54,7 @@ class TopicTable(Generic[M]):
         self._key = key
         self._newer = newer
         self._where = where
+        self._keep = keep
         self.rows: dict[str, M] = {}
         #: Records that were not valid ``model`` values (kept out of the table, counted).
         self.invalid = 0
@@ -93,7 +96,7 @@ class TopicTable(Generic[M]):
             current = self.rows.get(key)
             if current is not None and self._newer is not None and not self._newer(value, current):
                 return None
-            self.rows[key] = value
+            self.rows[key] = value if self._keep is None else self._keep(value)
         return value
 
     # -- reading ------------------------------------------------------------------------------------

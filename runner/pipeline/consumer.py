@@ -47,7 +47,7 @@ from runner.archive.store import ReservationBusy
 from runner.bus.clients import Deliveries, Publisher, broker_trouble
 from runner.bus.health import RunnerHealth
 from runner.bus.models import JobState, StatusEvent, TriggerRef, utcnow
-from runner.bus.status import StatusView
+from runner.bus.status import JobMemos
 from runner.bus.topics import HEALTH, REDUCTION_REQUESTS, RUN_COMPLETIONS
 from runner.bus.work import PartitionKey, WorkConsumer
 from runner.config import Settings
@@ -217,7 +217,7 @@ class Runner:
         publisher = Publisher(self.settings)
         followers = threading.Event()
         try:
-            status = StatusView.rebuild(self.settings)
+            status = JobMemos.rebuild(self.settings)
             status.start(followers)
             defaults = self._defaults
             if defaults is None:

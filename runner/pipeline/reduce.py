@@ -50,7 +50,7 @@ from runner.bus.models import (
     TriggerRef,
     utcnow,
 )
-from runner.bus.status import StatusView
+from runner.bus.status import JobMemos
 from runner.bus.topics import DEAD_LETTER, REDUCTION_REQUESTS, REDUCTION_STATUS, REPLAY_HEADER, REPLAY_ID_HEADER
 from runner.config import Settings
 from runner.isis.nexus import rb_from_nexus
@@ -149,7 +149,7 @@ class Reducer:
     """Turns one message into a reduction; its collaborators are given, never built here."""
 
     def __init__(self, settings: Settings, *, kernels: KernelProvider, defaults: DefaultsLookup,
-                 status: StatusView, publisher: Publisher, identity: str, stop: threading.Event | None = None):
+                 status: JobMemos, publisher: Publisher, identity: str, stop: threading.Event | None = None):
         self.settings = settings
         self.registry = TemplateRegistry(settings.notebooks)
         self.archive = Archive(settings.archive, archive_permissions(settings.archive_permissions))
@@ -200,7 +200,7 @@ class Reducer:
                 problem = f"invalid message: {describe_errors(exc)}"
             else:
                 trigger.digest = request_digest(request)
-        recorded = known.trigger.digest if known is not None and known.trigger is not None else None
+        recorded = known.digest if known is not None else None
         if recorded is not None and recorded != trigger.digest:
             # not a redelivery: another message reusing the id. The job stays the first message's, whatever this
             # one is, so no state is published for it: it is dead-lettered with why.
