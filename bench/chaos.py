@@ -383,13 +383,16 @@ class Platform:
         run_dir = self.settings.run_dir
         return sum(1 for p in run_dir.glob("kernel-*")) if run_dir.is_dir() else 0
 
-    def log_tail(self, name: str, lines: int = 30) -> str:
+    def log(self, name: str) -> list[str]:
+        """The lines process ``name`` has logged so far (none before it wrote any)."""
         path = self.logs / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no log)"
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        return "\n".join(self.log(name)[-lines:]) or "(no log)"
 
     def log_lines(self, name: str, needle: str) -> int:
-        path = self.logs / f"{name}.log"
-        return sum(needle in line for line in path.read_text(errors="replace").splitlines()) if path.exists() else 0
+        return sum(needle in line for line in self.log(name))
 
 
 def _last_in_log_order(settings: Settings, jobs: set[str]) -> int:
